@@ -1,0 +1,171 @@
+"""Gin-configurable mesh-tensorflow TransformerLayers that wire router, dispatch and experts."""
+import gin
+import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import transformer
+import tensorflow.compat.v1 as tf
+
+from mtf_switch import dispatch
+from mtf_switch import experts
+from mtf_switch import losses
+from mtf_switch import routing
+
+# Variables live under `<layer>/MoE1D/...` (switch_gating, wi, wo) so that checkpoints are
+# interchangeable with mesh-tensorflow's `moe.MoE1D(moe_gating="switch")`.
+CHECKPOINT_SCOPE = "MoE1D"
+
+
+@gin.configurable
+class SwitchFFN(transformer.TransformerLayer):
+  """Switch feed-forward layer: y = p_i(x) * E_i(x) for the top-1 expert i (paper Eq. 2, k=1).
+
+  Every argument is a gin parameter (`SwitchFFN.<name>`):
+    num_experts: E, experts per layer (paper Sec. 2; Switch-Base uses 128). Default 8.
+    hidden_size: d_ff of each expert, dimension `expert_hidden`. Default 1024.
+    activation: expert activation, a mesh-tensorflow name or list for gated units:
+      "relu" (original Switch) or ["gelu", "linear"] (GEGLU, T5.1.1 / ST-MoE). Default GEGLU.
+    group_size: max tokens per routing group S; groups are split over the batch mesh axis
+      (mesh-tensorflow's moe_group_size). Default 1024.
+    capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 4 and
+      Sec. 2.2; the paper trains with 1.25 and evaluates with 2.0). Defaults 1.25 / 2.0.
+    min_capacity: lower bound on C per group (mesh-tensorflow's min_expert_capacity). Default 4.
+    router_policy: exploration during training, one of "argmax", "input_jitter",
+      "input_dropout" (paper Table 11; input_jitter is the paper's choice). Default input_jitter.
+    jitter_eps: eps of the multiplicative U[1-eps, 1+eps] jitter (Table 11). Default 1e-2.
+    router_dropout_rate: dropout on router inputs for "input_dropout" (Table 11). Default 0.1.
+    expert_dropout_rate: dropout inside the experts, separate from model dropout (paper
+      Table 4 uses 0.4 when fine-tuning). Default 0.0 (T5.1.1 pretraining has no dropout).
+    loss_coef: alpha of the load-balancing loss alpha * N * sum_i f_i P_i (Eq. 4; Sec. 2.2
+      and Appendix: 1e-2). Default 1e-2.
+    init_scale: s in truncated normal std = sqrt(s / fan_in) for router and experts (paper
+      Sec. 2.4 / Table 3: 0.1, ten times below the usual 1.0). Default 0.1.
+  """
+
+  def __init__(self, num_experts=8, hidden_size=1024, activation=("gelu", "linear"),
+               group_size=1024, capacity_factor_train=1.25, capacity_factor_eval=2.0,
+               min_capacity=4, router_policy="input_jitter", jitter_eps=1e-2,
+               router_dropout_rate=0.1, expert_dropout_rate=0.0, loss_coef=1e-2,
+               init_scale=0.1):
+    routing.check_policy(router_policy)
+    if num_experts < 1:
+      raise ValueError("SwitchFFN.num_experts must be >= 1, got %d." % num_experts)
+    self.num_experts = num_experts
+    self.hidden_size = hidden_size
+    self.activation = list(activation) if isinstance(activation, (list, tuple)) else activation
+    self.group_size = group_size
+    self.capacity_factor_train = capacity_factor_train
+    self.capacity_factor_eval = capacity_factor_eval
+    self.min_capacity = min_capacity
+    self.router_policy = router_policy
+    self.jitter_eps = jitter_eps
+    self.router_dropout_rate = router_dropout_rate
+    self.expert_dropout_rate = expert_dropout_rate
+    self.loss_coef = loss_coef
+    self.init_scale = init_scale
+
+  def call(self, context, x, losses=None):
+    """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
+    del losses
+    if context.model.ensemble_dim:
+      raise NotImplementedError("SwitchFFN does not support ensembles.")
+    y, aux_loss = self.apply(
+        x, context.model.model_dim, train=context.train,
+        variable_dtype=context.variable_dtype, layout=context.model.layout,
+        mesh_shape=context.model.mesh_shape, nonpadding=context.nonpadding,
+        num_microbatches=context.num_microbatches)
+    if context.losses is not None:
+      context.losses.append(aux_loss)
+    return y
+
+  def apply(self, x, output_dim, train, variable_dtype, layout=None, mesh_shape=None,
+            nonpadding=None, num_microbatches=None):
+    """The layer as a function: returns (y, loss_coef * balance loss in x.dtype)."""
+    with _checkpoint_scope(type(self).__name__):
+      return self._apply(x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
+                         num_microbatches)
+
+  def _apply(self, x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
+             num_microbatches):
+    orig_dims = x.shape.dims[:-1]
+    model_dim = x.shape.dims[-1]
+    if orig_dims[0].name == "outer_batch":  # Expert replication (mesh-tensorflow convention).
+      outer_dim, batch_dim = orig_dims[:2]
+    else:
+      outer_dim, batch_dim = mtf.Dimension("outer_batch", 1), orig_dims[0]
+    experts_dim = mtf.Dimension("experts", self.num_experts)
+    _check_divisible(experts_dim, layout, mesh_shape)
+    num_tokens = mtf.Shape(orig_dims).size // outer_dim.size
+    num_groups, group_size = dispatch.split_into_groups(
+        num_tokens, self.group_size, mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape,
+                                                                     batch_dim))
+    # The groups dimension keeps the batch's name so it is split over the batch mesh axis.
+    groups_dim = mtf.Dimension(batch_dim.name, num_groups)
+    group_dim = mtf.Dimension("group", group_size)
+    cf = self.capacity_factor_train if train else self.capacity_factor_eval
+    capacity_dim = mtf.Dimension("expert_capacity", dispatch.expert_capacity(
+        group_size, self.num_experts, cf, self.min_capacity))
+    experts_unsplit = mtf.Dimension("expert_unsplit", self.num_experts)
+    groups_unsplit = mtf.Dimension("batch_unsplit", num_groups)
+    grouped = [outer_dim, groups_dim, group_dim]
+
+    inputs = mtf.reshape(x, grouped + [model_dim])
+    if nonpadding is None:
+      nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
+    else:
+      nonpadding = mtf.reshape(mtf.zeros(x.mesh, orig_dims, tf.float32) +
+                               mtf.to_float(nonpadding), grouped)
+    init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
+
+    router = routing.top1_router(inputs, experts_unsplit, self.router_policy, self.jitter_eps,
+                                 self.router_dropout_rate, train, variable_dtype, init)
+    dispatch_t, combine_t, expert_mask = dispatch.dispatch_and_combine(
+        router, nonpadding, experts_unsplit, group_dim, capacity_dim)
+    aux_loss = self.loss_coef * losses.load_balancing_loss(
+        router.router_probs, expert_mask, nonpadding, experts_unsplit, group_dim)
+    if num_microbatches and num_microbatches > 1:
+      aux_loss /= num_microbatches
+
+    # [O, G`, S, M] -> [O, E, G`, C, M]: gather each expert's tokens, groups still split.
+    expert_inputs = mtf.einsum(
+        [inputs, mtf.cast(dispatch_t, x.dtype)],
+        mtf.Shape([outer_dim, experts_unsplit, groups_dim, capacity_dim, model_dim]))
+    # Split over groups -> split over experts (an all-to-all when both map to one mesh axis).
+    # The d_model_split step keeps the transfer cheap under model parallelism, as in MoE1D.
+    expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
+                                             capacity_dim], model_dim)
+    expert_outputs = experts.expert_ffn(
+        expert_inputs, experts_dim, mtf.Dimension("expert_hidden", self.hidden_size),
+        output_dim, self.activation, self.expert_dropout_rate, train, variable_dtype, init)
+    # Split over experts -> split over groups (the return all-to-all).
+    expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
+                                               capacity_dim], output_dim)
+    # y = sum over slots of p_i(x) * E_i(x); overflowed tokens get 0 (only the residual).
+    y = mtf.einsum([expert_outputs, mtf.cast(combine_t, x.dtype)],
+                   mtf.Shape(grouped + [output_dim]))
+    return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
+
+
+def _resplit(t, leading_dims, last_dim):
+  split = mtf.Dimension("d_model_split", last_dim.size)
+  t = mtf.reshape(t, mtf.Shape(leading_dims + [split]))
+  return mtf.reshape(t, mtf.Shape(leading_dims + [last_dim]))
+
+
+def _check_divisible(experts_dim, layout, mesh_shape):
+  ways = mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, experts_dim)
+  if experts_dim.size % ways:
+    raise ValueError(
+        "SwitchFFN.num_experts=%d is not divisible by the %d-way mesh axis that the layout "
+        "rules split `experts` over (layout=%r, mesh_shape=%r): change SwitchFFN.num_experts, "
+        "mesh_shape or the `experts:` layout rule." % (experts_dim.size, ways, layout,
+                                                        mesh_shape))
+
+
+def _checkpoint_scope(class_name):
+  """`<layer>/<class_name>` (the scope LayerStack opens) becomes `<layer>/MoE1D`; any other
+  scope gets `/MoE1D` appended (see CHECKPOINT_SCOPE)."""
+  scope = tf.get_variable_scope()
+  parent, _, last = scope.name.rpartition("/")
+  base = parent if last == class_name else scope.name
+  name = base + "/" + CHECKPOINT_SCOPE if base else CHECKPOINT_SCOPE
+  return tf.variable_scope(tf.VariableScope(scope.reuse, name=name),
+                           auxiliary_name_scope=False)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a fresh graph per test, and a helper that runs a SwitchFFN on a CPU mesh."""
+import mtf_switch  # noqa: F401  (shim before mesh_tensorflow; registers gin configurables)
+import mesh_tensorflow as mtf
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+tf.disable_v2_behavior()
+
+
+@pytest.fixture(autouse=True)
+def fresh_graph():
+  with tf.Graph().as_default():
+    yield
+
+
+def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
+               num_devices=1, dtype=tf.float32, seed=0):
+  """Runs `layer.apply` on x [batch, length, d_model]; returns outputs, aux loss and the layer's
+  variables by short name (switch_gating, wi..., wo), all as numpy."""
+  tf.set_random_seed(seed)
+  graph = mtf.Graph()
+  mesh = mtf.Mesh(graph, "mesh")
+  b, l, m = x.shape
+  dims = [mtf.Dimension("batch", b), mtf.Dimension("length", l)]
+  model_dim = mtf.Dimension("d_model", m)
+  mx = mtf.import_tf_tensor(mesh, tf.constant(x, dtype), mtf.Shape(dims + [model_dim]))
+  mpad = None
+  if nonpadding is not None:
+    mpad = mtf.import_tf_tensor(mesh, tf.constant(nonpadding, dtype), mtf.Shape(dims))
+  vdtype = mtf.VariableDType(tf.float32, tf.float32, dtype)
+  y, loss = layer.apply(mx, model_dim, train=train, variable_dtype=vdtype, layout=layout,
+                        mesh_shape=mesh_shape, nonpadding=mpad)
+  devices = ["cpu:%d" % i for i in range(num_devices)]
+  impl = mtf.placement_mesh_impl.PlacementMeshImpl(mesh_shape, layout, devices)
+  lowering = mtf.Lowering(graph, {mesh: impl})
+  ty = tf.cast(lowering.export_to_tf_tensor(y), tf.float32)
+  tloss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
+  variables = {v.name.split("MoE1D/")[1].split("/kernel")[0]: v.outputs[0]
+               for v in graph.all_variables}
+  tvars = {k: lowering.export_to_tf_tensor(v) for k, v in variables.items()}
+  config = tf.ConfigProto(device_count={"CPU": num_devices})
+  with tf.Session(config=config) as sess:
+    sess.run(tf.global_variables_initializer())
+    sess.run(lowering.copy_masters_to_slices())
+    out_y, out_loss, out_vars = sess.run([ty, tloss, tvars])
+  return out_y, float(out_loss), out_vars
+
+
+@pytest.fixture
+def rng():
+  return np.random.RandomState(0)
