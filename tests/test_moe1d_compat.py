@@ -1,0 +1,96 @@
+"""Layer-level interchangeability with mesh-tensorflow's MoE1D(moe_gating="switch").
+
+The same variables (by name) are fed to both layers, in both directions: a MoE1D checkpoint read
+by SwitchFFN and a SwitchFFN checkpoint read by MoE1D give identical outputs.
+"""
+import types
+
+import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import moe
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+from mtf_switch import layers
+
+E, HIDDEN, GROUP = 4, 16, 8
+
+
+def _context(mesh, batch, length, model_dim, nonpadding, train):
+  model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout="",
+                                mesh_shape="")
+  return types.SimpleNamespace(
+      model=model, train=train, length_dim=length, nonpadding=nonpadding, losses=[],
+      variable_dtype=mtf.VariableDType(tf.float32, tf.float32, tf.float32),
+      num_microbatches=None, input_embeddings=None)
+
+
+def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None):
+  """Builds one layer in scope layer_000/<class name> (as LayerStack does) and runs it."""
+  with tf.Graph().as_default():
+    tf.set_random_seed(1)
+    graph = mtf.Graph()
+    mesh = mtf.Mesh(graph, "mesh")
+    b, l, m = x.shape
+    batch, length = mtf.Dimension("batch", b), mtf.Dimension("length", l)
+    model_dim = mtf.Dimension("d_model", m)
+    mx = mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape([batch, length, model_dim]))
+    mpad = mtf.import_tf_tensor(mesh, tf.constant(pad), mtf.Shape([batch, length]))
+    ctx = _context(mesh, batch, length, model_dim, mpad, train)
+    if layer_cls is moe.MoE1D:
+      layer = moe.MoE1D(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
+                        moe_gating="switch", activation=["gelu", "linear"],
+                        switch_policy_train="argmax", switch_policy_eval="argmax",
+                        min_expert_capacity=4)
+    else:
+      layer = layers.SwitchFFN(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
+                               router_policy="argmax", min_capacity=4)
+    with tf.variable_scope("layer_000"), tf.variable_scope(layer_cls.__name__):
+      y = layer.call(ctx, mx)
+    impl = mtf.placement_mesh_impl.PlacementMeshImpl("", "", [""])
+    lowering = mtf.Lowering(graph, {mesh: impl})
+    ty = lowering.export_to_tf_tensor(y)
+    tloss = lowering.export_to_tf_tensor(ctx.losses[0])
+    names = sorted(v.name for v in graph.all_variables)
+    saver = tf.train.Saver()
+    with tf.Session() as sess:
+      sess.run(tf.global_variables_initializer())
+      if ckpt_in:
+        saver.restore(sess, ckpt_in)
+      sess.run(lowering.copy_masters_to_slices())
+      out = sess.run([ty, tloss])
+      if ckpt_out:
+        saver.save(sess, ckpt_out)
+  return out[0], float(out[1]), names
+
+
+@pytest.mark.parametrize("writer,reader", [(moe.MoE1D, layers.SwitchFFN),
+                                           (layers.SwitchFFN, moe.MoE1D)])
+@pytest.mark.parametrize("train", [False, True])
+def test_checkpoint_interchange_gives_identical_outputs(tmp_path, writer, reader, train):
+  rng = np.random.RandomState(3)
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  pad = (rng.rand(4, 8) > 0.2).astype(np.float32)
+  ckpt = str(tmp_path / "model.ckpt")
+  y_w, _, names_w = _run(writer, x, pad, train, ckpt_out=ckpt)
+  y_r, _, names_r = _run(reader, x, pad, train, ckpt_in=ckpt)
+  assert names_w == names_r == ["layer_000/MoE1D/switch_gating/kernel",
+                                "layer_000/MoE1D/wi_0/kernel", "layer_000/MoE1D/wi_1/kernel",
+                                "layer_000/MoE1D/wo/kernel"]
+  assert np.abs(y_w).max() > 0
+  np.testing.assert_array_equal(y_w, y_r)
+
+
+def test_balance_loss_differs_from_moe1d_only_through_padding(tmp_path):
+  rng = np.random.RandomState(4)
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  ckpt = str(tmp_path / "model.ckpt")
+  no_pad = np.ones((4, 8), np.float32)
+  _, loss_m, _ = _run(moe.MoE1D, x, no_pad, True, ckpt_out=ckpt)
+  _, loss_s, _ = _run(layers.SwitchFFN, x, no_pad, True, ckpt_in=ckpt)
+  np.testing.assert_allclose(loss_s, loss_m, rtol=1e-6)
+  pad = no_pad.copy()
+  pad[:, 5:] = 0.0
+  _, loss_m, _ = _run(moe.MoE1D, x, pad, True, ckpt_in=ckpt)
+  _, loss_s, _ = _run(layers.SwitchFFN, x, pad, True, ckpt_in=ckpt)
+  assert abs(loss_s - loss_m) > 1e-4 * loss_s  # MoE1D counts padding in f_i.
