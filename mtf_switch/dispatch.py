@@ -24,7 +24,7 @@ def split_into_groups(num_tokens, max_group_size, mesh_dim_size):
 
 
 def expert_capacity(group_size, num_experts, capacity_factor, min_capacity):
-  """C = max(min(S, int(S * cf / E)), min_capacity)  (paper Eq. 4, per group)."""
+  """C = max(min(S, int(S * cf / E)), min_capacity)  (paper Eq. 3, per group)."""
   capacity = max(min(group_size, int(group_size * capacity_factor / num_experts)), min_capacity)
   if capacity < 1:
     raise ValueError(

@@ -25,7 +25,7 @@ class SwitchFFN(transformer.TransformerLayer):
       "relu" (original Switch) or ["gelu", "linear"] (GEGLU, T5.1.1 / ST-MoE). Default GEGLU.
     group_size: max tokens per routing group S; groups are split over the batch mesh axis
       (mesh-tensorflow's moe_group_size). Default 1024.
-    capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 4 and
+    capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 3 and
       Sec. 2.2; the paper trains with 1.25 and evaluates with 2.0). Defaults 1.25 / 2.0.
     min_capacity: lower bound on C per group (mesh-tensorflow's min_expert_capacity). Default 4.
     router_policy: exploration during training, one of "argmax", "input_jitter",
@@ -62,9 +62,8 @@ class SwitchFFN(transformer.TransformerLayer):
     self.loss_coef = loss_coef
     self.init_scale = init_scale
 
-  def call(self, context, x, losses=None):
+  def call(self, context, x):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
-    del losses
     if context.model.ensemble_dim:
       raise NotImplementedError("SwitchFFN does not support ensembles.")
     y, aux_loss = self.apply(

@@ -8,16 +8,15 @@ import tensorflow.compat.v1 as tf
 tf.disable_v2_behavior()
 
 
-@pytest.fixture(autouse=True)
-def fresh_graph():
-  with tf.Graph().as_default():
-    yield
-
-
 def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
                num_devices=1, dtype=tf.float32, seed=0):
   """Runs `layer.apply` on x [batch, length, d_model]; returns outputs, aux loss and the layer's
   variables by short name (switch_gating, wi..., wo), all as numpy."""
+  with tf.Graph().as_default():
+    return _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed)
+
+
+def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed):
   tf.set_random_seed(seed)
   graph = mtf.Graph()
   mesh = mtf.Mesh(graph, "mesh")
@@ -33,7 +32,7 @@ def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
                         mesh_shape=mesh_shape, nonpadding=mpad)
   devices = ["cpu:%d" % i for i in range(num_devices)]
   impl = mtf.placement_mesh_impl.PlacementMeshImpl(mesh_shape, layout, devices)
-  lowering = mtf.Lowering(graph, {mesh: impl})
+  lowering = mtf.Lowering(graph, {mesh: impl}, autostack=False)  # keep variables by name
   ty = tf.cast(lowering.export_to_tf_tensor(y), tf.float32)
   tloss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
   variables = {v.name.split("MoE1D/")[1].split("/kernel")[0]: v.outputs[0]

@@ -109,3 +109,18 @@ def test_error_capacity_rounds_to_zero(rng):
 def test_error_unknown_router_policy():
   with pytest.raises(ValueError, match="Unknown router policy 'top2'.*argmax, input_jitter"):
     _layer(router_policy="top2")
+
+
+def test_expert_parallel_mesh_matches_single_device(rng):
+  # 4 logical CPU devices, groups and experts both split over the `batch` mesh axis (the
+  # reshape between them lowers to an all-to-all): same outputs and loss as one device.
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  pad = (rng.rand(4, 8) > 0.2).astype(np.float32)
+  layer = _layer(num_experts=8, router_policy="argmax")
+  y1, loss1, w1 = run_switch(layer, x, pad)
+  y4, loss4, w4 = run_switch(layer, x, pad, mesh_shape="batch:4",
+                             layout="batch:batch;experts:batch", num_devices=4)
+  for name in w1:
+    np.testing.assert_array_equal(w1[name], w4[name])
+  np.testing.assert_allclose(y4, y1, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
