@@ -107,11 +107,11 @@ class SwitchFFN(transformer.TransformerLayer):
     grouped = [outer_dim, groups_dim, group_dim]
 
     inputs = mtf.reshape(x, grouped + [model_dim])
-    if nonpadding is None:
-      nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
-    else:
+    if isinstance(nonpadding, mtf.Tensor):
       nonpadding = mtf.reshape(mtf.zeros(x.mesh, orig_dims, tf.float32) +
                                mtf.to_float(nonpadding), grouped)
+    else:  # None, or 1 when the context knows there is no padding (e.g. decoding).
+      nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
     init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
 
     router = routing.top1_router(inputs, experts_unsplit, self.router_policy, self.jitter_eps,

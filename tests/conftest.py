@@ -24,8 +24,8 @@ def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dt
   dims = [mtf.Dimension("batch", b), mtf.Dimension("length", l)]
   model_dim = mtf.Dimension("d_model", m)
   mx = mtf.import_tf_tensor(mesh, tf.constant(x, dtype), mtf.Shape(dims + [model_dim]))
-  mpad = None
-  if nonpadding is not None:
+  mpad = nonpadding  # None, the int 1 (as transformer.Context gives when decoding) or an array
+  if isinstance(nonpadding, np.ndarray):
     mpad = mtf.import_tf_tensor(mesh, tf.constant(nonpadding, dtype), mtf.Shape(dims))
   vdtype = mtf.VariableDType(tf.float32, tf.float32, dtype)
   y, loss = layer.apply(mx, model_dim, train=train, variable_dtype=vdtype, layout=layout,

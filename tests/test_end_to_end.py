@@ -22,11 +22,11 @@ def env(tmp_path_factory):
               CUDA_VISIBLE_DEVICES="")
 
 
-def t5_mesh_transformer(env, model_dir, model_gin, *extra):
+def t5_mesh_transformer(env, model_dir, model_gin, *gin_params, flags=()):
   """Runs the unmodified console script from a directory outside the repository."""
   cmd = [BINARY, "--module_import=mtf_switch", "--gin_file=" + model_gin,
          "--gin_file=gin/runs/pretrain_cpu.gin", "--model_dir=" + str(model_dir)]
-  cmd += ["--gin_param=" + p for p in extra]
+  cmd += ["--gin_param=" + p for p in gin_params] + list(flags)
   proc = subprocess.run(cmd, cwd=str(model_dir.parent), env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-5000:]
@@ -100,3 +100,16 @@ def test_switch_ffn_checkpoint_scores_identically_under_moe1d(env, switch_run, t
   by_moe1d = score(env, switch_dir, MOE1D_GIN, tmp_path)
   assert by_switch.shape == (3,) and np.all(by_switch < 0)
   np.testing.assert_array_equal(by_moe1d, by_switch)
+
+
+def test_predicts_through_the_model_api(env, switch_run, tmp_path):
+  # Incremental decoding feeds the Switch layers one position at a time.
+  inputs = tmp_path / "inputs.txt"
+  inputs.write_text("Return the number of items in a container.\nOpen a file.\n")
+  out = tmp_path / "predictions.txt"
+  t5_mesh_transformer(env, switch_run[0], SWITCH_GIN, flags=[
+      "--use_model_api", "--mode=predict", "--input_file=%s" % inputs,
+      "--output_file=%s" % out, "--batch_size=2", "--input_sequence_length=128",
+      "--target_sequence_length=32"])
+  lines = open(str(out) + "-40").read().splitlines()
+  assert len(lines) == 2 and all(line.strip() for line in lines)

@@ -1,9 +1,12 @@
 """The Switch layer against the independent numpy reference, capacity behaviour, bad input."""
+import mesh_tensorflow as mtf
 import numpy as np
 import pytest
+import tensorflow.compat.v1 as tf
 
 from mtf_switch import dispatch
 from mtf_switch import layers
+from mtf_switch import routing
 
 from conftest import run_switch
 from reference import switch_reference
@@ -32,6 +35,29 @@ def test_matches_numpy_reference_with_padding(rng, activation, train):
   np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-7, rtol=1e-5)
   assert np.all(y[pad == 0] == 0.0)
+
+
+def test_nonpadding_one_means_no_padding(rng):
+  x = rng.randn(2, 8, 12).astype(np.float32)
+  y_none, loss_none, _ = run_switch(_layer(), x, None)
+  y_one, loss_one, _ = run_switch(_layer(), x, 1)
+  np.testing.assert_array_equal(y_one, y_none)
+  assert loss_one == loss_none
+
+
+def test_bfloat16_activations_keep_a_float32_router(rng):
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  layer = _layer(router_policy="argmax")
+  y, _, w = run_switch(layer, x, dtype=tf.bfloat16)
+  ref_y, _ = switch_reference(x, None, w, num_groups=4, capacity=4, loss_coef=1e-2)
+  np.testing.assert_allclose(y, ref_y, atol=0.1, rtol=0.05)  # bfloat16 experts
+  with tf.Graph().as_default():
+    mesh = mtf.Mesh(mtf.Graph(), "mesh")
+    x_bf16 = mtf.zeros(mesh, mtf.Shape([mtf.Dimension("group", 8), mtf.Dimension("d", 12)]),
+                       tf.bfloat16)
+    out = routing.top1_router(x_bf16, mtf.Dimension("experts", 4), "input_jitter", 1e-2, 0.1,
+                              True, mtf.VariableDType(tf.float32, tf.float32, tf.bfloat16), None)
+  assert out.router_logits.dtype == out.router_probs.dtype == tf.float32
 
 
 def test_variables_match_moe1d_names_and_shapes(rng):
