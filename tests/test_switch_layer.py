@@ -35,6 +35,8 @@ def test_matches_numpy_reference_with_padding(rng, activation, train):
   np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-7, rtol=1e-5)
   assert np.all(y[pad == 0] == 0.0)
+  dropped = np.sum((np.abs(y).sum(-1) == 0) & (pad > 0))
+  assert (dropped > 0) if train else (dropped == 0)  # C = 2 overflows; C = 4 does not
 
 
 def test_nonpadding_one_means_no_padding(rng):
