@@ -16,7 +16,7 @@ from mtf_switch import layers
 E, HIDDEN, GROUP = 4, 16, 8
 
 
-def _context(mesh, batch, length, model_dim, nonpadding, train):
+def _context(length, model_dim, nonpadding, train):
   model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout="",
                                 mesh_shape="")
   return types.SimpleNamespace(
@@ -36,7 +36,7 @@ def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None):
     model_dim = mtf.Dimension("d_model", m)
     mx = mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape([batch, length, model_dim]))
     mpad = mtf.import_tf_tensor(mesh, tf.constant(pad), mtf.Shape([batch, length]))
-    ctx = _context(mesh, batch, length, model_dim, mpad, train)
+    ctx = _context(length, model_dim, mpad, train)
     if layer_cls is moe.MoE1D:
       layer = moe.MoE1D(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
                         moe_gating="switch", activation=["gelu", "linear"],
