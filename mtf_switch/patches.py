@@ -1,6 +1,9 @@
 """Work-arounds for upstream bugs, applied when `mtf_switch` is imported."""
+import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
 import numpy as np
+
+from mtf_switch import layouts
 
 
 def _tokenize_string_features(add_pretokenized):
@@ -25,7 +28,24 @@ def _tokenize_string_features(add_pretokenized):
   return wrapped
 
 
+def _explain_undivided_layout(slice_shape):
+  """Lowering a layout that does not divide a dimension fails with "Tensor dimension size not
+  divisible by mesh dimension size" and a layout tuple; name the dimension, the mesh axis and
+  the gin parameters to change instead."""
+
+  def wrapped(self, tensor_shape):
+    bad = layouts.undivided(tensor_shape, self.shape, self.layout_rules)
+    if bad:
+      raise ValueError(layouts.error_message(*bad, where="a tensor of shape %s" % tensor_shape))
+    return slice_shape(self, tensor_shape)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
 def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
     mtf_utils._maybe_add_pretokenized_features = _tokenize_string_features(fn)  # pylint: disable=protected-access
+  if not getattr(mtf.MeshImpl.slice_shape, "mtf_switch_patched", False):
+    mtf.MeshImpl.slice_shape = _explain_undivided_layout(mtf.MeshImpl.slice_shape)

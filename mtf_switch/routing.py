@@ -12,6 +12,8 @@ import tensorflow.compat.v1 as tf
 # Router exploration policies (paper Table 11). All route to the top-1 expert; they differ in
 # how router inputs are perturbed during training. Evaluation never perturbs.
 POLICIES = ("argmax", "input_jitter", "input_dropout")
+# Scope of the router's kernel (mesh-tensorflow MoE1D's name, for checkpoint compatibility).
+ROUTER_SCOPE = "switch_gating"
 
 RouterOutput = collections.namedtuple(
     "RouterOutput", ["expert_index", "expert_gate", "router_probs", "router_logits"])
@@ -31,7 +33,7 @@ def check_policy(policy):
 
 
 def top1_router(inputs, experts_dim, policy, jitter_eps, dropout_rate, train, variable_dtype,
-                kernel_initializer, name="switch_gating"):
+                kernel_initializer, name=ROUTER_SCOPE):
   """Routes each token of `inputs` [..., d_model] to one expert.
 
   Selective precision (paper Sec. 2.4): the router runs in float32 whatever the activation dtype;
