@@ -55,8 +55,9 @@ def zoo():
   return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".gin"))
 
 
-def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab_size=32100):
-  """Parses gin (mesh-tensorflow's defaults first), builds the graph, returns the counts dict."""
+def parse_gin(gin_files, gin_params=()):
+  """Parses mesh-tensorflow's defaults.gin, then `gin_files` and `gin_params`, into a cleared
+  gin config, as t5_mesh_transformer does."""
   gin.clear_config()
   t5_gin = pkg_resources.resource_filename("t5.models", "gin")
   if t5_gin not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
@@ -66,12 +67,16 @@ def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab
   for path in gin_files:
     try:
       gin.parse_config_file(path)
-    except IOError:
-      raise ValueError("Cannot find gin file %r on gin's search path. The model zoo: %s "
-                       "(as gin/models/<name>.gin)." % (path, ", ".join(zoo()))) from None
-  gin.parse_config_files_and_bindings([], list(gin_params))
-  with gin.unlock_config():
-    mesh_shape, layout_rules = _layout()
+    except IOError as e:
+      raise ValueError("%s. The model zoo: %s (as gin/models/<name>.gin)." % (
+          str(e).split(". Searched")[0], ", ".join(zoo()))) from None
+  gin.parse_config_files_and_bindings([], list(gin_params), finalize_config=False)
+
+
+def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab_size=32100):
+  """Parses gin (see parse_gin), builds the graph, returns the counts dict."""
+  parse_gin(gin_files, gin_params)
+  mesh_shape, layout_rules = _layout()
   with tf.Graph().as_default():
     graph = mtf.Graph()
     mesh = mtf.Mesh(graph, "count_mesh")

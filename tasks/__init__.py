@@ -46,3 +46,4 @@ seqio.TaskRegistry.add(
     ],
     output_features=OUTPUT_FEATURES,
     metric_fns=[])
+from . import paper  # noqa: E402,F401  (registers the paper's pretraining and Table 5 tasks)

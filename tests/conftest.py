@@ -1,11 +1,23 @@
-"""Shared fixtures: a fresh graph per test, and a helper that runs a SwitchFFN on a CPU mesh."""
+"""Shared fixtures: a clean gin config per test, and a helper that runs a SwitchFFN on a CPU
+mesh."""
 import mtf_switch  # noqa: F401  (shim before mesh_tensorflow; registers gin configurables)
+import gin
 import mesh_tensorflow as mtf
 import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
 tf.disable_v2_behavior()
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  """No gin binding leaks from one test into another (e.g. a model file's SwitchFFN.*)."""
+  with gin.unlock_config():
+    gin.clear_config()
+  yield
+  with gin.unlock_config():
+    gin.clear_config()
 
 
 def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",

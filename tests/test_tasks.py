@@ -28,15 +28,6 @@ def cache_dir(tmp_path_factory):
     yield path
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  with gin.unlock_config():
-    gin.clear_config()
-  yield
-  with gin.unlock_config():
-    gin.clear_config()
-
-
 @pytest.fixture(scope="session")
 def custom_files(tmp_path_factory, cache_dir):
   """A plain and a gzip file with disjoint slices of the default corpus (+ one invalid UTF-8 line)."""
