@@ -27,5 +27,6 @@ def test_startup_hook_is_cheap_and_mesh_tensorflow_imports():
 
 def test_gin_files_ship_with_the_package():
   root = mtf_switch.gin_dir()
-  for name in ("models/switch_tiny.gin", "models/t5_tiny.gin", "runs/pretrain_cpu.gin"):
+  for name in ("models/switch_tiny.gin", "models/t5_tiny.gin", "models/sparse/every_other_ffn.gin",
+               "runs/pretrain_cpu.gin", "runs/pretrain_c4.gin", "layouts/tpu_v3_32.gin"):
     assert os.path.isfile(os.path.join(root, name)), name
