@@ -4,7 +4,7 @@ import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import transformer
 import tensorflow.compat.v1 as tf
 
-from mtf_switch import dispatch
+from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import experts
 from mtf_switch import losses
 from mtf_switch import routing
@@ -38,14 +38,19 @@ class SwitchFFN(transformer.TransformerLayer):
       and Appendix: 1e-2). Default 1e-2.
     init_scale: s in truncated normal std = sqrt(s / fan_in) for router and experts (paper
       Sec. 2.4 / Table 3: 0.1, ten times below the usual 1.0). Default 0.1.
+    dispatch: how tokens reach their expert slots (dispatch.py): "einsum" (one-hot einsums,
+      mesh-tensorflow's MoE1D, the paper's TPU implementation), "gather" (scatter/gather on
+      each device's groups: same outputs, gradients and checkpoints, far fewer FLOPs off TPU)
+      or "auto" (einsum when the graph is built for a TPU, else gather). Default "auto".
   """
 
   def __init__(self, num_experts=8, hidden_size=1024, activation=("gelu", "linear"),
                group_size=1024, capacity_factor_train=1.25, capacity_factor_eval=2.0,
                min_capacity=4, router_policy="input_jitter", jitter_eps=1e-2,
                router_dropout_rate=0.1, expert_dropout_rate=0.0, loss_coef=1e-2,
-               init_scale=0.1):
+               init_scale=0.1, dispatch="auto"):
     routing.check_policy(router_policy)
+    dispatch_lib.use_einsum(dispatch)  # validates the name
     if num_experts < 1:
       raise ValueError("SwitchFFN.num_experts must be >= 1, got %d." % num_experts)
     self.num_experts = num_experts
@@ -61,6 +66,7 @@ class SwitchFFN(transformer.TransformerLayer):
     self.expert_dropout_rate = expert_dropout_rate
     self.loss_coef = loss_coef
     self.init_scale = init_scale
+    self.dispatch = dispatch
 
   def call(self, context, x):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
@@ -93,14 +99,14 @@ class SwitchFFN(transformer.TransformerLayer):
     experts_dim = mtf.Dimension("experts", self.num_experts)
     _check_divisible(experts_dim, layout, mesh_shape)
     num_tokens = mtf.Shape(orig_dims).size // outer_dim.size
-    num_groups, group_size = dispatch.split_into_groups(
+    num_groups, group_size = dispatch_lib.split_into_groups(
         num_tokens, self.group_size, mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape,
                                                                      batch_dim))
     # The groups dimension keeps the batch's name so it is split over the batch mesh axis.
     groups_dim = mtf.Dimension(batch_dim.name, num_groups)
     group_dim = mtf.Dimension("group", group_size)
     cf = self.capacity_factor_train if train else self.capacity_factor_eval
-    capacity_dim = mtf.Dimension("expert_capacity", dispatch.expert_capacity(
+    capacity_dim = mtf.Dimension("expert_capacity", dispatch_lib.expert_capacity(
         group_size, self.num_experts, cf, self.min_capacity))
     experts_unsplit = mtf.Dimension("expert_unsplit", self.num_experts)
     groups_unsplit = mtf.Dimension("batch_unsplit", num_groups)
@@ -116,17 +122,20 @@ class SwitchFFN(transformer.TransformerLayer):
 
     router = routing.top1_router(inputs, experts_unsplit, self.router_policy, self.jitter_eps,
                                  self.router_dropout_rate, train, variable_dtype, init)
-    dispatch_t, combine_t, expert_mask = dispatch.dispatch_and_combine(
-        router, nonpadding, experts_unsplit, group_dim, capacity_dim)
+    slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
+                                      capacity_dim)
+    if dispatch_lib.use_einsum(self.dispatch):
+      mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
+    else:
+      mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)
     aux_loss = self.loss_coef * losses.load_balancing_loss(
-        router.router_probs, expert_mask, nonpadding, experts_unsplit, group_dim)
+        router.router_probs, slots.expert_mask, nonpadding, experts_unsplit, group_dim)
     if num_microbatches and num_microbatches > 1:
       aux_loss /= num_microbatches
 
     # [O, G`, S, M] -> [O, E, G`, C, M]: gather each expert's tokens, groups still split.
-    expert_inputs = mtf.einsum(
-        [inputs, mtf.cast(dispatch_t, x.dtype)],
-        mtf.Shape([outer_dim, experts_unsplit, groups_dim, capacity_dim, model_dim]))
+    expert_inputs = mover.dispatch(
+        inputs, mtf.Shape([outer_dim, experts_unsplit, groups_dim, capacity_dim, model_dim]))
     # Split over groups -> split over experts (an all-to-all when both map to one mesh axis).
     # The d_model_split step keeps the transfer cheap under model parallelism, as in MoE1D.
     expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
@@ -138,8 +147,7 @@ class SwitchFFN(transformer.TransformerLayer):
     expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
                                                capacity_dim], output_dim)
     # y = sum over slots of p_i(x) * E_i(x); overflowed tokens get 0 (only the residual).
-    y = mtf.einsum([expert_outputs, mtf.cast(combine_t, x.dtype)],
-                   mtf.Shape(grouped + [output_dim]))
+    y = mover.combine(expert_outputs, mtf.Shape(grouped + [output_dim]))
     return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
 
 

@@ -43,9 +43,30 @@ def _explain_undivided_layout(slice_shape):
   return wrapped
 
 
+def _check_devices(init):
+  """PlacementMeshImpl silently ignores extra devices (and fails later on too few): one device
+  per processor of the mesh, or a clear error."""
+
+  def wrapped(self, shape, layout, devices):
+    init(self, shape, layout, devices)
+    if len(devices) != self.size:
+      raise ValueError(
+          "mesh_shape %s has %d processors but %d devices were given (utils.run.mesh_devices): "
+          "list one device per processor, e.g. %r, or change mesh_shape."
+          % (",".join("%s:%d" % (d.name, d.size) for d in self.shape.dims), self.size,
+             len(devices),
+             ["gpu:%d" % i for i in range(self.size)]))
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
 def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
     mtf_utils._maybe_add_pretokenized_features = _tokenize_string_features(fn)  # pylint: disable=protected-access
   if not getattr(mtf.MeshImpl.slice_shape, "mtf_switch_patched", False):
     mtf.MeshImpl.slice_shape = _explain_undivided_layout(mtf.MeshImpl.slice_shape)
+  impl = mtf.placement_mesh_impl.PlacementMeshImpl
+  if not getattr(impl.__init__, "mtf_switch_patched", False):
+    impl.__init__ = _check_devices(impl.__init__)

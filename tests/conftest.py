@@ -21,19 +21,24 @@ def clean_gin():
 
 
 def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
-               num_devices=1, dtype=tf.float32, seed=0):
-  """Runs `layer.apply` on x [batch, length, d_model]; returns outputs, aux loss and the layer's
-  variables by short name (switch_gating, wi..., wo), all as numpy."""
+               num_devices=1, dtype=tf.float32, seed=0, grads=False):
+  """Runs `layer.apply` on x [(outer_batch,) batch, length, d_model]; returns outputs, aux loss
+  and the layer's variables by short name (switch_gating, wi..., wo), all as numpy. With
+  grads=True also a dict of the gradients of sum(y * r) + loss (r fixed random) with respect to
+  each variable and to x ("x"), and the number of all-to-alls the lowering performed."""
   with tf.Graph().as_default():
-    return _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed)
+    return _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed,
+                       grads)
 
 
-def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed):
+def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed,
+                grads):
   tf.set_random_seed(seed)
   graph = mtf.Graph()
   mesh = mtf.Mesh(graph, "mesh")
-  b, l, m = x.shape
-  dims = [mtf.Dimension("batch", b), mtf.Dimension("length", l)]
+  *batch, l, m = x.shape
+  names = ["outer_batch", "batch"][-len(batch):]
+  dims = [mtf.Dimension(n, b) for n, b in zip(names, batch)] + [mtf.Dimension("length", l)]
   model_dim = mtf.Dimension("d_model", m)
   mx = mtf.import_tf_tensor(mesh, tf.constant(x, dtype), mtf.Shape(dims + [model_dim]))
   mpad = nonpadding  # None, the int 1 (as transformer.Context gives when decoding) or an array
@@ -42,20 +47,34 @@ def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dt
   vdtype = mtf.VariableDType(tf.float32, tf.float32, dtype)
   y, loss = layer.apply(mx, model_dim, train=train, variable_dtype=vdtype, layout=layout,
                         mesh_shape=mesh_shape, nonpadding=mpad)
+  variables = {v.name.split("MoE1D/")[1].split("/kernel")[0]: v.outputs[0]
+               for v in graph.all_variables}
+  if grads:
+    r = mtf.import_tf_tensor(mesh, tf.constant(
+        np.random.RandomState(seed + 1).randn(*y.shape.to_integer_list), dtype), y.shape)
+    objective = mtf.reduce_sum(mtf.cast(y * r, tf.float32)) + mtf.cast(loss, tf.float32)
+    grad_of = dict(variables, x=mx)
+    grad_list = mtf.gradients([objective], list(grad_of.values()))
   devices = ["cpu:%d" % i for i in range(num_devices)]
   impl = mtf.placement_mesh_impl.PlacementMeshImpl(mesh_shape, layout, devices)
+  alltoalls = []
+  alltoall = impl.alltoall
+  impl.alltoall = lambda *args, **kw: alltoalls.append(args) or alltoall(*args, **kw)
   lowering = mtf.Lowering(graph, {mesh: impl}, autostack=False)  # keep variables by name
   ty = tf.cast(lowering.export_to_tf_tensor(y), tf.float32)
   tloss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
-  variables = {v.name.split("MoE1D/")[1].split("/kernel")[0]: v.outputs[0]
-               for v in graph.all_variables}
   tvars = {k: lowering.export_to_tf_tensor(v) for k, v in variables.items()}
+  fetches = [ty, tloss, tvars]
+  if grads:
+    fetches.append({k: tf.cast(lowering.export_to_tf_tensor(g), tf.float32)
+                    for k, g in zip(grad_of, grad_list)})
   config = tf.ConfigProto(device_count={"CPU": num_devices})
   with tf.Session(config=config) as sess:
     sess.run(tf.global_variables_initializer())
     sess.run(lowering.copy_masters_to_slices())
-    out_y, out_loss, out_vars = sess.run([ty, tloss, tvars])
-  return out_y, float(out_loss), out_vars
+    out = sess.run(fetches)
+  out[1] = float(out[1])
+  return tuple(out) + ((len(alltoalls),) if grads else ())
 
 
 @pytest.fixture

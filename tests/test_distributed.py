@@ -1,0 +1,103 @@
+"""Layouts over several CPU devices equal the single-device run, and the gather dispatch equals the
+einsum dispatch: outputs, balance loss and gradients (float32, 1e-5)."""
+import mesh_tensorflow as mtf
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+from mtf_switch import layers
+from conftest import run_switch
+
+# name: (x shape, mesh_shape, layout, devices, experts, expects all-to-alls)
+LAYOUTS = {
+    "data_parallel": ((8, 16, 8), "batch:4", "batch:batch", 4, 8, False),
+    "expert_parallel": ((8, 16, 8), "batch:4", "batch:batch,experts:batch", 4, 8, True),
+    "expert_parallel_8": ((8, 16, 8), "batch:8", "batch:batch,experts:batch", 8, 8, True),
+    "model_parallel": ((8, 16, 8), "model:4", "expert_hidden:model", 4, 8, False),
+    "expert_model_data": ((8, 16, 8), "batch:2,model:2",
+                          "batch:batch,experts:batch,expert_hidden:model", 4, 8, True),
+    # More devices than experts: each of the 2 experts is replicated over `outer_batch`.
+    "expert_replication": ((2, 4, 16, 8), "outer_batch:2,batch:2",
+                           "outer_batch:outer_batch,batch:batch,experts:batch", 4, 2, True),
+}
+
+
+def _layer(experts, dispatch):
+  return layers.SwitchFFN(num_experts=experts, hidden_size=16, group_size=16,
+                          capacity_factor_train=0.75, capacity_factor_eval=2.0,
+                          min_capacity=1, router_policy="argmax", dispatch=dispatch)
+
+
+def _assert_same(a, b):
+  y_a, loss_a, vars_a, grads_a, _ = a
+  y_b, loss_b, vars_b, grads_b, _ = b
+  np.testing.assert_allclose(y_a, y_b, rtol=1e-5, atol=1e-6)
+  assert loss_a == pytest.approx(loss_b, rel=1e-5)
+  for name in vars_a:
+    np.testing.assert_array_equal(vars_a[name], vars_b[name])
+  assert grads_a.keys() == grads_b.keys()
+  for name in grads_a:
+    np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_equals_single_device(rng, name, dispatch):
+  shape, mesh_shape, layout, devices, experts, expects_alltoall = LAYOUTS[name]
+  x = rng.randn(*shape).astype(np.float32)
+  nonpadding = np.ones(shape[:-1], np.float32)
+  nonpadding[..., -3:] = 0.0
+  layer = _layer(experts, dispatch)
+  single = run_switch(layer, x, nonpadding, train=True, grads=True)
+  multi = run_switch(layer, x, nonpadding, train=True, mesh_shape=mesh_shape, layout=layout,
+                     num_devices=devices, grads=True)
+  _assert_same(single, multi)
+  assert single[-1] == 0
+  assert (multi[-1] > 0) == expects_alltoall  # the dispatch resplit lowers to all-to-alls
+  assert np.abs(multi[3]["switch_gating"]).max() > 0  # the router is trained through the gate
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gather_dispatch_equals_einsum_dispatch(rng, train):
+  x = rng.randn(4, 16, 8).astype(np.float32)
+  nonpadding = np.ones((4, 16), np.float32)
+  nonpadding[1, 5:] = 0.0
+  gather = run_switch(_layer(4, "gather"), x, nonpadding, train=train, grads=True)
+  einsum = run_switch(_layer(4, "einsum"), x, nonpadding, train=train, grads=True)
+  _assert_same(gather, einsum)
+  if train:  # capacity factor 0.75: some tokens overflow and output exactly 0
+    assert (np.abs(gather[0]).sum(-1) == 0).sum() > nonpadding.size - nonpadding.sum()
+
+
+def _einsum_shapes(dispatch):
+  graph = mtf.Graph()
+  mesh = mtf.Mesh(graph, "mesh")
+  dims = [mtf.Dimension("batch", 4), mtf.Dimension("length", 256)]
+  model_dim = mtf.Dimension("d_model", 8)
+  with tf.Graph().as_default():
+    x = mtf.zeros(mesh, mtf.Shape(dims + [model_dim]))
+    layers.SwitchFFN(num_experts=4, hidden_size=16, group_size=256, dispatch=dispatch).apply(
+        x, model_dim, train=True, variable_dtype=mtf.VariableDType(), layout="", mesh_shape="")
+  return [set(op.outputs[0].shape.dimension_names) | {
+      n for t in op.inputs for n in t.shape.dimension_names}
+          for op in graph.operations if isinstance(op, mtf.ops.EinsumOperation)]
+
+
+def test_gather_dispatch_has_no_one_hot_einsums():
+  one_hot = {"group", "expert_unsplit", "expert_capacity"}
+  assert any(one_hot <= dims for dims in _einsum_shapes("einsum"))
+  assert not any(one_hot <= dims for dims in _einsum_shapes("gather"))
+
+
+def test_auto_dispatch_is_gather_off_tpu_and_unknown_names_fail():
+  from mtf_switch import dispatch as dispatch_lib  # pylint: disable=g-import-not-at-top
+  assert not dispatch_lib.use_einsum("auto")
+  assert dispatch_lib.use_einsum("einsum")
+  with pytest.raises(ValueError, match="Unknown SwitchFFN.dispatch 'scatter'"):
+    layers.SwitchFFN(dispatch="scatter")
+
+
+def test_devices_must_match_the_mesh():
+  with pytest.raises(ValueError, match="mesh_shape batch:4 has 4 processors but 8 devices"):
+    mtf.placement_mesh_impl.PlacementMeshImpl("batch:4", "batch:batch", ["cpu:0"] * 8)
