@@ -1,12 +1,19 @@
-"""Groups, expert capacity, slot assignment, and the two ways of moving tokens to expert slots.
+"""Groups, expert capacity, slot assignment, and the ways of moving tokens to their experts.
 
 Symbols: G groups, S group size (tokens per group), E experts, C expert capacity per group,
-M d_model. Both dispatchers map [O, G, S, M] tokens to [O, E, G, C, M] expert slots and back,
-compute the same outputs and gradients, and create no variables:
-  EinsumDispatch: one-hot dispatch/combine tensors [O, G, S, E, C] and einsums (mesh-tensorflow
-    MoE1D; dense matmuls suit TPUs); costs ~2 S C M multiply-adds per token and direction.
-  GatherDispatch: scatter/gather by slot index on each device's local groups (mtf.slicewise);
-    costs ~M per token (CPU/GPU).
+M d_model. All implementations compute the same outputs and gradients with the same variables
+(SwitchFFN.dispatch chooses):
+  "einsum": one-hot dispatch/combine tensors [O, G, S, E, C] and einsums to expert slots
+    [O, E, G, C, M] and back (mesh-tensorflow MoE1D; dense matmuls suit TPUs). Costs ~2 E C M
+    multiply-adds per token each way, and the experts compute all E * C slots.
+  "gather": the same slots, filled by a scatter and read back by a gather of each token's slot
+    index on each device's groups (~M per token). Experts may be split over a mesh axis (the
+    slots then travel by all-to-all); they still compute all E * C slots.
+  "ragged": no slots: each token is multiplied by its own expert's weights (experts.py), so only
+    kept tokens are computed. Needs every expert's weights on every device (experts and
+    expert_hidden not split by the layout).
+  "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
+    gather.
 """
 import collections
 
@@ -14,7 +21,7 @@ import mesh_tensorflow as mtf
 import tensorflow.compat.v1 as tf
 from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tensorflow-import
 
-IMPLEMENTATIONS = ("auto", "einsum", "gather")
+IMPLEMENTATIONS = ("auto", "einsum", "gather", "ragged")
 
 Slots = collections.namedtuple("Slots", ["expert_mask", "kept", "position", "gate"])
 Slots.__doc__ = """Where each token goes (float32, [O, G, S, E] unless noted).
@@ -74,14 +81,35 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim):
   return Slots(expert_mask, kept, position, router.expert_gate)
 
 
-def use_einsum(implementation):
-  """Resolves SwitchFFN.dispatch: "auto" is einsum when the graph is built for a TPU."""
+def check_implementation(implementation):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError("Unknown SwitchFFN.dispatch %r; choose one of %s." % (
         implementation, ", ".join(IMPLEMENTATIONS)))
+
+
+def choose(implementation, experts_split):
+  """Resolves SwitchFFN.dispatch to "einsum", "gather" or "ragged" (see the module docstring).
+
+  experts_split: whether the layout splits the expert weights over a mesh axis."""
+  check_implementation(implementation)
   if implementation == "auto":
-    return tpu_function.get_tpu_context().number_of_shards is not None
-  return implementation == "einsum"
+    if tpu_function.get_tpu_context().number_of_shards is not None:
+      return "einsum"
+    return "gather" if experts_split else "ragged"
+  if implementation == "ragged" and experts_split:
+    raise ValueError(
+        "SwitchFFN.dispatch='ragged' needs every expert's weights on every device, but the "
+        "layout splits `experts` or `expert_hidden` over the mesh: use 'gather' or 'auto'.")
+  return implementation
+
+
+def kept_expert(slots, experts_dim):
+  """(int32 [O, G, S] expert of each kept token, E for dropped and padding tokens;
+  [O, G, S] gate, 0 for them)."""
+  expert = mtf.reduce_sum(slots.kept * mtf.range(slots.kept.mesh, experts_dim, tf.float32),
+                          reduced_dim=experts_dim)
+  dropped = 1.0 - mtf.reduce_sum(slots.kept, reduced_dim=experts_dim)
+  return mtf.to_int32(expert + dropped * experts_dim.size), slots.gate * (1.0 - dropped)
 
 
 class EinsumDispatch(object):
@@ -108,13 +136,10 @@ class GatherDispatch(object):
 
   def __init__(self, slots, experts_dim, capacity_dim):
     self._experts_dim, self._capacity_dim = experts_dim, capacity_dim
-    num_slots = experts_dim.size * capacity_dim.size
-    slot = mtf.reduce_sum(
-        slots.kept * (slots.position + mtf.range(slots.kept.mesh, experts_dim, tf.float32) *
-                      capacity_dim.size), reduced_dim=experts_dim)
-    dropped = 1.0 - mtf.reduce_sum(slots.kept, reduced_dim=experts_dim)
-    self._slot = mtf.to_int32(slot + dropped * num_slots)
-    self._gate = slots.gate * (1.0 - dropped)
+    expert, self._gate = kept_expert(slots, experts_dim)
+    # slot = e * C + position; dropped tokens: E * C + 0.
+    position = mtf.to_int32(mtf.reduce_sum(slots.kept * slots.position, reduced_dim=experts_dim))
+    self._slot = expert * capacity_dim.size + position
 
   def dispatch(self, x, output_shape):
     """[O, G, S, M] -> output_shape [O, E, G, C, M]."""

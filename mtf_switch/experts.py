@@ -1,13 +1,24 @@
-"""The experts: one feed-forward network per expert, weights carry an `experts` dimension."""
+"""The experts: one feed-forward network per expert, weights carry an `experts` dimension.
+
+Two ways to apply them, with the same variables (names and shapes of mesh-tensorflow's MoE1D:
+wi, or wi_0/wi_1 for gated units, and wo, each [experts, in, out]):
+  expert_ffn: over capacity slots [O, E, G, C, M] (einsum/gather dispatch; experts may be split
+    over a mesh axis). Every slot is computed, filled or not: E * C = cf * S rows per group.
+  ragged_expert_ffn: over the tokens [O, G, S, M] themselves, each multiplied by its own
+    expert's weights (rows grouped by expert on each device, one matmul per expert); only kept
+    tokens are computed. Needs every expert's weights on every device; activations are
+    reimplemented in TensorFlow (relu, gelu, swish, sigmoid, tanh, linear).
+"""
+import collections
+
 import mesh_tensorflow as mtf
+import numpy as np
+import tensorflow.compat.v1 as tf
 
 
 def expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim, activation, dropout_rate,
                train, variable_dtype, kernel_initializer):
-  """y = wo . act(wi . x) per expert; GEGLU when activation=["gelu", "linear"].
-
-  Variable names follow mesh-tensorflow's MoE1D: wi (or wi_0, wi_1 for gated), wo.
-  """
+  """y = wo . act(wi . x) per expert; GEGLU when activation=["gelu", "linear"]."""
   h = mtf.layers.dense_product(
       expert_inputs, reduced_dims=expert_inputs.shape.dims[-1:], new_dims=[hidden_dim],
       expert_dims=[experts_dim], activation_functions=activation, use_bias=False,
@@ -17,3 +28,120 @@ def expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim, activation, d
   return mtf.layers.dense(
       h, output_dim, reduced_dims=[hidden_dim], expert_dims=[experts_dim], use_bias=False,
       variable_dtype=variable_dtype, kernel_initializer=kernel_initializer, name="wo")
+
+
+def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, activation,
+                      dropout_rate, train, variable_dtype, kernel_initializer, shard_dims):
+  """expert_ffn for tokens [O, G, S, M] routed to expert_id [O, G, S] (int32; E = dropped, whose
+  output is 0), as one slicewise op per device: rows are gathered into per-expert segments
+  (padded to a multiple of ROWS), each segment is multiplied by its expert's weights, and the
+  results are gathered back. shard_dims: O and G with sizes = how many ways the layout splits
+  them; weight gradients are summed over them (mesh-tensorflow's all-reduce)."""
+  model_dim = tokens.shape.dims[-1]
+  activations = activation if isinstance(activation, list) else [activation]
+  tf_activations = [_tf_activation(a) for a in activations]
+
+  def weight(name, in_dim, out_dim):
+    with tf.variable_scope(name):
+      return mtf.get_variable(
+          tokens.mesh, "kernel", mtf.Shape([experts_dim, in_dim, out_dim]),
+          initializer=kernel_initializer([in_dim], [out_dim]), dtype=variable_dtype)
+
+  weights = [weight("wi_%d" % i if len(activations) > 1 else "wi", model_dim, hidden_dim)
+             for i in range(len(activations))] + [weight("wo", hidden_dim, output_dim)]
+  keep_prob = 1.0 - dropout_rate if train else 1.0
+
+  def forward(x, ids, *ws):
+    rows = tf.reshape(x, [-1, model_dim.size])
+    segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size)
+    xs = tf.split(tf.gather(_with_zero_row(rows), segments.source), segments.sizes,
+                  num=experts_dim.size)
+    per_expert = [tf.unstack(w) for w in ws]  # (not w[e]: its gradient is a dense [E, K, N])
+    ys = []
+    for e, x_e in enumerate(xs):
+      h = None
+      for act, w in zip(tf_activations, per_expert[:-1]):
+        factor = act(tf.matmul(x_e, w[e]))
+        h = factor if h is None else h * factor
+      if keep_prob < 1.0:
+        h = tf.nn.dropout(h, rate=1.0 - keep_prob)
+      ys.append(tf.matmul(h, per_expert[-1][e]))
+    y = tf.gather(_with_zero_row(tf.concat(ys, 0)), back)
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [output_dim.size]], 0))
+
+  def grad(op, dy):
+    x, ids, *ws = op.inputs
+
+    def backward(x, ids, *rest):
+      *ws, y, dy = rest
+      grads = tf.gradients(y, [x] + ws, grad_ys=dy)
+      if any(g is None for g in grads):
+        raise ValueError("ragged_expert_ffn: the gradient lost its forward pass; use "
+                         "SwitchFFN.dispatch='gather'.")
+      return tuple([grads[0]] + [tf.reshape(g, [1] * len(shard_dims) + g.shape.as_list())
+                                 for g in grads[1:]])
+
+    outputs = mtf.SlicewiseOperation(
+        backward, [x, ids] + ws + [op.outputs[0], dy],
+        [x.shape] + [mtf.Shape(shard_dims + w.shape.dims) for w in ws],
+        [x.dtype] + [w.dtype for w in ws],
+        splittable_dims=x.shape.dims[:-2] + shard_dims, grad_function=0,
+        name="ragged_expert_ffn_grad").outputs
+    return [outputs[0], None] + [mtf.reduce_sum(g, output_shape=w.shape)
+                                 for g, w in zip(outputs[1:], ws)]
+
+  return mtf.slicewise(forward, [tokens, expert_id] + weights,
+                       mtf.Shape(tokens.shape.dims[:-1] + [output_dim]), tokens.dtype,
+                       splittable_dims=tokens.shape.dims[:-2], grad_function=grad,
+                       name="ragged_expert_ffn")
+
+
+# Row counts per expert change every step; padding each expert's segment to a multiple of ROWS
+# lets the CPU matmul kernels (oneDNN) reuse their cached per-shape primitives.
+ROWS = 128
+
+Segments = collections.namedtuple("Segments", ["source", "sizes"])
+
+
+def _segments(ids, num_experts):
+  """Layout of the padded per-expert row buffer for token expert ids [T] (num_experts = dropped).
+
+  Returns (Segments(source: [R] row of the token in each buffer row, T for padding; sizes: [E]
+  rows per expert segment), back: [T] buffer row of each token, R for dropped tokens)."""
+  num_tokens = tf.shape(ids)[0]
+  counts = tf.math.bincount(ids, minlength=num_experts + 1, maxlength=num_experts + 1)
+  sizes = (counts[:num_experts] + ROWS - 1) // ROWS * ROWS
+  starts = tf.concat([tf.cumsum(sizes, exclusive=True), [tf.reduce_sum(sizes)]], 0)
+  order = tf.argsort(ids, stable=True)
+  sorted_ids = tf.gather(ids, order)
+  rank = tf.range(num_tokens) - tf.gather(tf.cumsum(counts, exclusive=True), sorted_ids)
+  # dropped tokens (id E) all point at the zero row after the buffer
+  row_sorted = tf.gather(starts, sorted_ids) + rank * tf.cast(sorted_ids < num_experts, tf.int32)
+  back = tf.gather(row_sorted, tf.math.invert_permutation(order))
+  kept = sorted_ids < num_experts
+  source = tf.tensor_scatter_nd_update(
+      tf.fill([starts[-1]], num_tokens), tf.boolean_mask(row_sorted, kept)[:, tf.newaxis],
+      tf.boolean_mask(order, kept))
+  return Segments(source, sizes), back
+
+
+def _with_zero_row(rows):
+  return tf.concat([rows, tf.zeros_like(rows[:1])], 0)
+
+
+def _tf_activation(name):
+  """The TensorFlow function of a mesh-tensorflow activation name (as mtf computes it)."""
+  if name in (None, "linear"):
+    return lambda x: x
+  functions = {
+      "relu": tf.nn.relu,
+      "gelu": lambda x: x * (0.5 * (1.0 + tf.tanh(np.sqrt(2 / np.pi) *
+                                                  (x + 0.044715 * x * x * x)))),
+      "swish": lambda x: x * tf.sigmoid(x),
+      "sigmoid": tf.sigmoid,
+      "tanh": tf.tanh,
+  }
+  if name not in functions:
+    raise ValueError("SwitchFFN.dispatch='ragged' supports the activations %s, not %r: use "
+                     "SwitchFFN.dispatch='gather'." % (", ".join(sorted(functions)), name))
+  return functions[name]

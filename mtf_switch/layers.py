@@ -38,10 +38,12 @@ class SwitchFFN(transformer.TransformerLayer):
       and Appendix: 1e-2). Default 1e-2.
     init_scale: s in truncated normal std = sqrt(s / fan_in) for router and experts (paper
       Sec. 2.4 / Table 3: 0.1, ten times below the usual 1.0). Default 0.1.
-    dispatch: how tokens reach their expert slots (dispatch.py): "einsum" (one-hot einsums,
-      mesh-tensorflow's MoE1D, the paper's TPU implementation), "gather" (scatter/gather on
-      each device's groups: same outputs, gradients and checkpoints, far fewer FLOPs off TPU)
-      or "auto" (einsum when the graph is built for a TPU, else gather). Default "auto".
+    dispatch: how tokens reach their experts (dispatch.py), all with the same outputs,
+      gradients and checkpoints: "einsum" (one-hot einsums, mesh-tensorflow's MoE1D, the
+      paper's TPU implementation), "gather" (scatter/gather of capacity slots on each device),
+      "ragged" (each token times its own expert's weights; no capacity slack computed; experts
+      not split over the mesh) or "auto" (einsum on TPU, else ragged where the layout allows,
+      else gather). Default "auto".
   """
 
   def __init__(self, num_experts=8, hidden_size=1024, activation=("gelu", "linear"),
@@ -50,7 +52,7 @@ class SwitchFFN(transformer.TransformerLayer):
                router_dropout_rate=0.1, expert_dropout_rate=0.0, loss_coef=1e-2,
                init_scale=0.1, dispatch="auto"):
     routing.check_policy(router_policy)
-    dispatch_lib.use_einsum(dispatch)  # validates the name
+    dispatch_lib.check_implementation(dispatch)
     if num_experts < 1:
       raise ValueError("SwitchFFN.num_experts must be >= 1, got %d." % num_experts)
     self.num_experts = num_experts
@@ -124,15 +126,29 @@ class SwitchFFN(transformer.TransformerLayer):
                                  self.router_dropout_rate, train, variable_dtype, init)
     slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
                                       capacity_dim)
-    if dispatch_lib.use_einsum(self.dispatch):
-      mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
-    else:
-      mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)
     aux_loss = self.loss_coef * losses.load_balancing_loss(
         router.router_probs, slots.expert_mask, nonpadding, experts_unsplit, group_dim)
     if num_microbatches and num_microbatches > 1:
       aux_loss /= num_microbatches
 
+    hidden_dim = mtf.Dimension("expert_hidden", self.hidden_size)
+    ffn_args = (self.activation, self.expert_dropout_rate, train, variable_dtype, init)
+    experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
+                        for d in (experts_dim, hidden_dim))
+    implementation = dispatch_lib.choose(self.dispatch, experts_split)
+    if implementation == "ragged":
+      expert, gate = dispatch_lib.kept_expert(slots, experts_unsplit)
+      shard_dims = [mtf.Dimension(d.name, mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d))
+                    for d in (outer_dim, groups_dim)]
+      y = experts.ragged_expert_ffn(inputs, expert, experts_dim, hidden_dim, output_dim,
+                                    *ffn_args, shard_dims=shard_dims)
+      y *= mtf.cast(gate, y.dtype)
+      return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
+
+    if implementation == "einsum":
+      mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
+    else:
+      mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)
     # [O, G`, S, M] -> [O, E, G`, C, M]: gather each expert's tokens, groups still split.
     expert_inputs = mover.dispatch(
         inputs, mtf.Shape([outer_dim, experts_unsplit, groups_dim, capacity_dim, model_dim]))
@@ -140,9 +156,8 @@ class SwitchFFN(transformer.TransformerLayer):
     # The d_model_split step keeps the transfer cheap under model parallelism, as in MoE1D.
     expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
                                              capacity_dim], model_dim)
-    expert_outputs = experts.expert_ffn(
-        expert_inputs, experts_dim, mtf.Dimension("expert_hidden", self.hidden_size),
-        output_dim, self.activation, self.expert_dropout_rate, train, variable_dtype, init)
+    expert_outputs = experts.expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim,
+                                        *ffn_args)
     # Split over experts -> split over groups (the return all-to-all).
     expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
                                                capacity_dim], output_dim)

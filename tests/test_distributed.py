@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
+from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import layers
 from conftest import run_switch
 
@@ -41,10 +42,15 @@ def _assert_same(a, b):
                                err_msg=name)
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "ragged"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_equals_single_device(rng, name, dispatch):
   shape, mesh_shape, layout, devices, experts, expects_alltoall = LAYOUTS[name]
+  if dispatch == "ragged" and name != "data_parallel":  # experts split: ragged refuses
+    with pytest.raises(ValueError, match="dispatch='ragged' needs every expert's weights"):
+      run_switch(_layer(experts, dispatch), np.zeros(shape, np.float32), mesh_shape=mesh_shape,
+                 layout=layout, num_devices=devices)
+    return
   x = rng.randn(*shape).astype(np.float32)
   nonpadding = np.ones(shape[:-1], np.float32)
   nonpadding[..., -3:] = 0.0
@@ -58,16 +64,19 @@ def test_layout_equals_single_device(rng, name, dispatch):
   assert np.abs(multi[3]["switch_gating"]).max() > 0  # the router is trained through the gate
 
 
+@pytest.mark.parametrize("activation", [["gelu", "linear"], "relu"])
+@pytest.mark.parametrize("dispatch", ["gather", "ragged"])
 @pytest.mark.parametrize("train", [True, False])
-def test_gather_dispatch_equals_einsum_dispatch(rng, train):
+def test_dispatch_equals_einsum_dispatch(rng, train, dispatch, activation):
   x = rng.randn(4, 16, 8).astype(np.float32)
   nonpadding = np.ones((4, 16), np.float32)
   nonpadding[1, 5:] = 0.0
-  gather = run_switch(_layer(4, "gather"), x, nonpadding, train=train, grads=True)
-  einsum = run_switch(_layer(4, "einsum"), x, nonpadding, train=train, grads=True)
-  _assert_same(gather, einsum)
+  layer, reference = _layer(4, dispatch), _layer(4, "einsum")
+  layer.activation = reference.activation = activation
+  got = run_switch(layer, x, nonpadding, train=train, grads=True)
+  _assert_same(got, run_switch(reference, x, nonpadding, train=train, grads=True))
   if train:  # capacity factor 0.75: some tokens overflow and output exactly 0
-    assert (np.abs(gather[0]).sum(-1) == 0).sum() > nonpadding.size - nonpadding.sum()
+    assert (np.abs(got[0]).sum(-1) == 0).sum() > nonpadding.size - nonpadding.sum()
 
 
 def _einsum_shapes(dispatch):
@@ -84,16 +93,19 @@ def _einsum_shapes(dispatch):
           for op in graph.operations if isinstance(op, mtf.ops.EinsumOperation)]
 
 
-def test_gather_dispatch_has_no_one_hot_einsums():
+def test_only_einsum_dispatch_has_one_hot_einsums():
   one_hot = {"group", "expert_unsplit", "expert_capacity"}
   assert any(one_hot <= dims for dims in _einsum_shapes("einsum"))
-  assert not any(one_hot <= dims for dims in _einsum_shapes("gather"))
+  for dispatch in ("gather", "ragged"):
+    assert not any(one_hot <= dims for dims in _einsum_shapes(dispatch))
+  # ragged has no capacity slots at all: nothing is computed for empty ones
+  assert not any("expert_capacity" in dims for dims in _einsum_shapes("ragged"))
 
 
-def test_auto_dispatch_is_gather_off_tpu_and_unknown_names_fail():
-  from mtf_switch import dispatch as dispatch_lib  # pylint: disable=g-import-not-at-top
-  assert not dispatch_lib.use_einsum("auto")
-  assert dispatch_lib.use_einsum("einsum")
+def test_auto_dispatch_off_tpu_and_unknown_names_fail():
+  assert dispatch_lib.choose("auto", experts_split=False) == "ragged"
+  assert dispatch_lib.choose("auto", experts_split=True) == "gather"
+  assert dispatch_lib.choose("einsum", experts_split=True) == "einsum"
   with pytest.raises(ValueError, match="Unknown SwitchFFN.dispatch 'scatter'"):
     layers.SwitchFFN(dispatch="scatter")
 
