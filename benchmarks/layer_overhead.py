@@ -1,7 +1,7 @@
 """Training step time of a Switch model, its FLOP-matched dense twin and the same model with
 mesh-tensorflow's MoE1D(moe_gating="switch"), measured in one run on this machine's CPU.
 
-  python benchmarks/layer_overhead.py [--steps 10] [--rounds 3] [--dispatch auto]
+  python benchmarks/layer_overhead.py [--steps 4] [--rounds 6] [--dispatch auto]
 
 Configuration (issue 3): d_model 256, GEGLU d_ff 1024, 4+4 layers, every FFN sparse (8 experts of
 d_ff 1024, group size 1024, capacity factor 1.25), inputs 256 / targets 64, 32 sequences
@@ -91,8 +91,8 @@ def build(name, dispatch, gin_params=()):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--dispatch", default="auto", help="SwitchFFN.dispatch")
   parser.add_argument("--models", default=",".join(MODELS), help="subset of " + ",".join(MODELS))
   parser.add_argument("--gin_param", action="append", default=[],

@@ -17,6 +17,8 @@ in seconds.
   router_flops      the routers' share of flops_per_sequence
   dispatch_flops    one-hot dispatch/combine einsums (data movement on TPU; not in the total)
 
+Switch layers are built with SwitchFFN.dispatch = "einsum", the paper's TPU graph.
+
 If the gin files bind `utils.run.mesh_shape` and `utils.run.layout_rules` (e.g. a file from
 gin/layouts/, with utils.tpu_mesh_shape.tpu_topology for @utils.tpu_mesh_shape()), the counter
 checks that the layout divides every dimension of the model, building one sequence per slice of
@@ -76,6 +78,8 @@ def parse_gin(gin_files, gin_params=()):
 def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab_size=32100):
   """Parses gin (see parse_gin), builds the graph, returns the counts dict."""
   parse_gin(gin_files, gin_params)
+  # Count the paper's (TPU) graph: with one-hot einsum dispatch every expert weight is a matmul.
+  gin.bind_parameter("SwitchFFN.dispatch", "einsum")
   mesh_shape, layout_rules = _layout()
   with tf.Graph().as_default():
     graph = mtf.Graph()

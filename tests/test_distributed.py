@@ -4,6 +4,7 @@ import mesh_tensorflow as mtf
 import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
+from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tensorflow-import
 
 from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import layers
@@ -106,6 +107,8 @@ def test_auto_dispatch_off_tpu_and_unknown_names_fail():
   assert dispatch_lib.choose("auto", experts_split=False) == "ragged"
   assert dispatch_lib.choose("auto", experts_split=True) == "gather"
   assert dispatch_lib.choose("einsum", experts_split=True) == "einsum"
+  with tpu_function.tpu_shard_context(8):  # as inside TPUEstimator's TPU computation
+    assert dispatch_lib.choose("auto", experts_split=False) == "einsum"
   with pytest.raises(ValueError, match="Unknown SwitchFFN.dispatch 'scatter'"):
     layers.SwitchFFN(dispatch="scatter")
 

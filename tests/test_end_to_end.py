@@ -33,11 +33,11 @@ def t5_mesh_transformer(env, model_dir, model_gin, *gin_params, flags=()):
   return proc
 
 
-def train(env, model_dir, model_gin, steps):
+def train(env, model_dir, model_gin, steps, flags=()):
   """Trains and returns the loss of the last step (TensorBoard gets it every 100 steps)."""
   proc = t5_mesh_transformer(env, model_dir, model_gin, "utils.run.train_steps=%d" % steps,
                              "utils.run.iterations_per_loop=%d" % (steps // 2),
-                             "utils.run.save_checkpoints_steps=%d" % steps)
+                             "utils.run.save_checkpoints_steps=%d" % steps, flags=flags)
   return float(re.search(r"Loss for final step: ([0-9]+\.[0-9]+)", proc.stderr).group(1))
 
 
@@ -113,3 +113,15 @@ def test_predicts_through_the_model_api(env, switch_run, tmp_path):
       "--target_sequence_length=32"])
   lines = open(str(out) + "-40").read().splitlines()
   assert len(lines) == 2 and all(line.strip() for line in lines)
+
+
+@pytest.mark.parametrize("layout,mesh", [("expert_model_data", "batch:2,model:2")])
+def test_trains_over_a_multi_device_layout(env, tmp_path, layout, mesh):
+  """4 logical CPU devices: experts over `batch` (all-to-all dispatch) plus model parallelism.
+  (Expert replication is covered at layer level in test_distributed.py.)"""
+  model_dir = tmp_path / layout
+  final_loss = train(env, model_dir, SWITCH_GIN, 4,
+                     flags=["--gin_file=gin/layouts/%s.gin" % layout])
+  assert np.isfinite(final_loss)
+  with open(os.path.join(str(model_dir), "operative_config.gin")) as f:
+    assert "run.mesh_shape = '%s'" % mesh in f.read()

@@ -140,9 +140,11 @@ def test_custom_files_are_what_the_task_reads(custom_files):
   assert not set(read["train"]) & set(read["validation"])
   assert sorted(read["train"] + read["validation"]) == sorted(custom_files[2])
   assert 250 <= len(read["validation"]) <= 350  # min_lines=300 of 3001 lines
-  shuffled = [ex["text"].decode() for ex in numpy_examples(
-      lambda: source.get_dataset("train", shuffle=True, seed=3))]
-  assert shuffled != read["train"] and sorted(shuffled) == sorted(read["train"])
+  # 3 blocks of 1024 lines: one seed in 6 keeps their order, so try a few seeds.
+  shuffles = [[ex["text"].decode() for ex in numpy_examples(
+      lambda: source.get_dataset("train", shuffle=True, seed=seed))] for seed in (3, 4, 5)]
+  assert any(s != read["train"] for s in shuffles)
+  assert all(sorted(s) == sorted(read["train"]) for s in shuffles)
   # The same vocabulary object follows the configuration: trained on the custom corpus now.
   assert tasks.VOCABULARY.sentencepiece_model_file != default_model
   assert tasks.VOCABULARY.vocab_size <= 1000 + EXTRA
