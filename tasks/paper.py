@@ -35,6 +35,7 @@ import tensorflow.compat.v1 as tf
 import tensorflow_datasets as tfds
 
 from .corpus import GIN_MODULE
+from .vocab import ConfiguredVocabulary
 
 C4_SPAN_CORRUPTION = "c4_v220_span_corruption"
 MC4_SPM_PATH = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
@@ -61,32 +62,11 @@ def mc4_vocabulary(sentencepiece_model_file=MC4_SPM_PATH) -> str:
   return sentencepiece_model_file
 
 
-class MC4Vocabulary(seqio.SentencePieceVocabulary):
-  """seqio.SentencePieceVocabulary of the gin-configured `mc4_vocabulary`, resolved at first use.
+class MC4Vocabulary(ConfiguredVocabulary):
+  """The gin-configured `mc4_vocabulary`, resolved at each use (its sentinels are part of the
+  model, as in mT5's: no extra ids)."""
 
-  All instances are equal: they stand for "the configured mC4 vocabulary"."""
-
-  def __init__(self):
-    super().__init__(sentencepiece_model_file=None)
-
-  @property
-  def sentencepiece_model_file(self) -> str:
-    return mc4_vocabulary()
-
-  def _model_context(self):
-    path = mc4_vocabulary()
-    if path != self._sentencepiece_model_file:  # first use, or the configuration changed
-      self._sentencepiece_model_file, self._model = path, None
-    return super()._model_context()
-
-  def __getstate__(self):
-    return dict(super().__getstate__(), _sentencepiece_model_file=None)
-
-  def __eq__(self, other):
-    return type(self) is type(other)
-
-  def __hash__(self):
-    return hash(type(self))
+  resolve = staticmethod(mc4_vocabulary)
 
   def __str__(self) -> str:  # seqio's __str__ would load the model (for its md5)
     return f"MC4Vocabulary(file={self.sentencepiece_model_file})"

@@ -72,23 +72,28 @@ def model_file() -> str:
   return path
 
 
-class CorpusVocabulary(seqio.SentencePieceVocabulary):
-  """seqio.SentencePieceVocabulary whose model file is resolved (and trained) lazily, from the
-  gin configuration in effect at first use, so that the task can be registered at import time.
+class ConfiguredVocabulary(seqio.SentencePieceVocabulary):
+  """seqio.SentencePieceVocabulary whose model file is the subclass's `resolve()` of the gin
+  configuration in effect at use (not at construction), so that tasks can be registered at
+  import time. A change of configuration (e.g. in tests) is picked up on next use.
 
-  All instances with the same extra_ids are equal and hash alike: they stand for "the vocabulary
-  of the configured corpus". A change of configuration (e.g. in tests) is picked up on next use.
+  All instances of a class with the same extra_ids are equal and hash alike: they stand for "the
+  configured vocabulary".
   """
 
-  def __init__(self, extra_ids: int = EXTRA_IDS):
+  def __init__(self, extra_ids: int = 0):
     super().__init__(sentencepiece_model_file=None, extra_ids=extra_ids)
+
+  @staticmethod
+  def resolve() -> str:
+    raise NotImplementedError
 
   @property
   def sentencepiece_model_file(self) -> str:
-    return model_file()
+    return self.resolve()
 
   def _model_context(self):
-    path = model_file()
+    path = self.resolve()
     if path != self._sentencepiece_model_file:  # first use, or the configuration changed
       self._sentencepiece_model_file, self._model = path, None
     return super()._model_context()
@@ -103,6 +108,15 @@ class CorpusVocabulary(seqio.SentencePieceVocabulary):
 
   def __hash__(self):
     return hash((type(self), self._extra_ids, self._reverse_extra_ids))
+
+
+class CorpusVocabulary(ConfiguredVocabulary):
+  """The vocabulary of the configured corpus: model_file() trains it lazily, at first use."""
+
+  resolve = staticmethod(model_file)
+
+  def __init__(self, extra_ids: int = EXTRA_IDS):
+    super().__init__(extra_ids=extra_ids)
 
   def __str__(self) -> str:
     # Does not resolve the model: str() may be called before gin is parsed.

@@ -1,5 +1,5 @@
-"""Shared fixtures: a clean gin config per test, and a helper that runs a SwitchFFN on a CPU
-mesh."""
+"""Shared fixtures: a clean gin config per test, a helper that runs a SwitchFFN on a CPU mesh,
+and one that reads a tf.data pipeline in graph mode."""
 import mtf_switch  # noqa: F401  (shim before mesh_tensorflow; registers gin configurables)
 import gin
 import mesh_tensorflow as mtf
@@ -80,3 +80,20 @@ def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dt
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+def numpy_examples(make_dataset, n=None):
+  """Elements of make_dataset() (the first n) as numpy, via a session: eager mode is disabled
+  here, as t5_mesh_transformer does."""
+  with tf.Graph().as_default():
+    ds = make_dataset()
+    if n is not None:
+      ds = ds.take(n)
+    element = tf.data.make_one_shot_iterator(ds).get_next()
+    examples = []
+    with tf.Session() as session:
+      while True:
+        try:
+          examples.append(session.run(element))
+        except tf.errors.OutOfRangeError:
+          return examples

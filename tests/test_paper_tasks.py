@@ -13,6 +13,7 @@ from t5.data import preprocessors as t5_preprocessors
 from t5.evaluation import metrics
 import tensorflow.compat.v1 as tf
 
+from conftest import numpy_examples
 from mtf_switch.tasks import paper
 
 T5_TASKS = ("glue_v002_proportional", "super_glue_v102_proportional", "squad_v010_allanswers",
@@ -29,19 +30,6 @@ FINETUNE = {
 }
 
 
-def examples(make_dataset):
-  """All elements of make_dataset() as numpy, via a session (tests/conftest.py disables eager)."""
-  with tf.Graph().as_default():
-    element = tf.data.make_one_shot_iterator(make_dataset()).get_next()
-    out = []
-    with tf.Session() as session:
-      while True:
-        try:
-          out.append(session.run(element))
-        except tf.errors.OutOfRangeError:
-          return out
-
-
 def preprocess(task_name, *features):
   """The task's text preprocessor (its first) applied to in-memory examples, given as nested
   dicts of Python / numpy values shaped like the TFDS features."""
@@ -50,7 +38,7 @@ def preprocess(task_name, *features):
     for f in features[1:]:
       ds = ds.concatenate(tf.data.Dataset.from_tensors(f))
     return seqio.get_mixture_or_task(task_name).preprocessors[0](ds)
-  return examples(make_dataset)
+  return numpy_examples(make_dataset)
 
 
 def span_corruption_args(task):

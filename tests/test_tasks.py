@@ -11,8 +11,8 @@ import gin
 import numpy as np
 import pytest
 import seqio
-import tensorflow.compat.v1 as tf
 
+from conftest import numpy_examples
 import mtf_switch.tasks as tasks  # importing must not touch the cache (test_import_is_lazy)
 from mtf_switch.tasks import corpus as corpus_lib
 from mtf_switch.tasks import vocab as vocab_lib
@@ -41,23 +41,6 @@ def custom_files(tmp_path_factory, cache_dir):
     f.write("\n".join(lines[1500:3000]).encode() + b"\n")
   expected = lines[:3000] + ["caf\ufffd latin-1 bytes are replaced"]
   return str(plain), str(gz), expected
-
-
-def numpy_examples(make_dataset, n=None):
-  """Elements of make_dataset() as numpy, via a session: tests/conftest.py disables eager mode,
-  as t5_mesh_transformer does."""
-  with tf.Graph().as_default():
-    ds = make_dataset()
-    if n is not None:
-      ds = ds.take(n)
-    element = tf.data.make_one_shot_iterator(ds).get_next()
-    examples = []
-    with tf.Session() as session:
-      while True:
-        try:
-          examples.append(session.run(element))
-        except tf.errors.OutOfRangeError:
-          return examples
 
 
 def use_custom(files):
