@@ -34,10 +34,14 @@ def _explain_undivided_layout(slice_shape):
   the gin parameters to change instead."""
 
   def wrapped(self, tensor_shape):
-    bad = layouts.undivided(tensor_shape, self.shape, self.layout_rules)
-    if bad:
-      raise ValueError(layouts.error_message(*bad, where="a tensor of shape %s" % tensor_shape))
-    return slice_shape(self, tensor_shape)
+    try:
+      return slice_shape(self, tensor_shape)
+    except ValueError:  # explained only when it fails: slice_shape runs for every tensor
+      bad = layouts.undivided(tensor_shape, self.shape, self.layout_rules)
+      if not bad:
+        raise
+      raise ValueError(layouts.error_message(
+          *bad, where="a tensor of shape %s" % tensor_shape)) from None
 
   wrapped.mtf_switch_patched = True
   return wrapped
