@@ -12,8 +12,8 @@ in seconds.
   flops_per_sequence  forward-pass FLOPs in the style of Kaplan et al. (2020): 2 per
       multiply-add of every matrix product - weight matmuls (the output projection included,
       the embedding lookup excluded), the router, and attention's QK^T and AV products.
-      An expert weight counts only for the tokens routed to it (k = 1 of E experts, paper Sec. 2),
-      not for the capacity slack; elementwise ops, norms and softmaxes are not counted.
+      An expert weight counts only for the tokens routed to it (k of E experts, paper Sec. 2;
+      k = SwitchFFN.num_selected_experts), not for the capacity slack; elementwise ops, norms and softmaxes are not counted.
   router_flops      the routers' share of flops_per_sequence
   dispatch_flops    one-hot dispatch/combine einsums (data movement on TPU; not in the total)
 
@@ -38,6 +38,7 @@ import pkg_resources
 import tensorflow.compat.v1 as tf
 
 import mtf_switch
+from mtf_switch import layers
 from mtf_switch import layouts
 from mtf_switch import routing
 
@@ -106,7 +107,8 @@ def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab
     if mesh_shape.ndims:
       layouts.check(graph, mesh_shape, layout_rules)
     result = _count_params(graph)
-    result.update(_count_flops(graph, lengths, batch.size))
+    result.update(_count_flops(graph, lengths, batch.size,
+                               tf.get_collection(layers.EXPERTS_PER_TOKEN)))
     return result
 
 
@@ -149,17 +151,18 @@ def _source(tensor):
   return op
 
 
-def _count_flops(graph, lengths, batch_size):
+def _count_flops(graph, lengths, batch_size, experts_per_token):
   """FLOPs of every matrix product (einsum with a reduced dimension) of the graph, per sequence.
 
   flops_per_sequence follows the paper (Table 9) and Kaplan et al. (2020): a weight W in a stack
-  of T tokens costs 2 |W| T (2 |W| T / E for expert weights: one expert per token), whatever
+  of T tokens costs 2 |W| T (2 |W| T k / E for expert weights: k experts per token), whatever
   length it is applied to (the decoder's key/value projections of the 512 encoder tokens count
   for the 114 decoder tokens); attention context costs 2 n_q n_kv d_attn per layer (QK^T); the
   output projection counts, embedding lookups (one-hot einsums) and routers do not.
   matmul_flops_per_sequence is what the graph computes: every product at its real size, expert
   weights over all capacity slots, dispatch and combine included.
   """
+  routers = set(routing.ROUTER_SCOPES.values()) | {routing.TOP_N_SCOPE, routing.NTLB_SCOPE}
   kaplan = router = dispatch_total = matmul = 0
   for op in graph.operations:
     if not isinstance(op, mtf.ops.EinsumOperation):
@@ -176,12 +179,13 @@ def _count_flops(graph, lengths, batch_size):
     if weights:
       shape = weights[0].outputs[0].shape
       active = shape.size
-      if EXPERTS_DIM in shape.dimension_names:  # one expert of E per token (k = 1)
-        active //= shape.get_dim_by_name(EXPERTS_DIM).size
+      if EXPERTS_DIM in shape.dimension_names:  # k experts of E per token
+        k = [k for scope, k in experts_per_token if weights[0].name.startswith(scope)]
+        active = active * k[0] // shape.get_dim_by_name(EXPERTS_DIM).size
       if stack not in lengths:
         raise ValueError("Cannot tell the stack (%s) of the weight matmul %s." %
                          ("/".join(STACKS), op.name))
-      if routing.ROUTER_SCOPE in weights[0].name:
+      if set(weights[0].name.split("/")) & routers:
         router += 2 * active * lengths[stack]
       else:
         kaplan += 2 * active * lengths[stack]

@@ -23,13 +23,20 @@ from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tenso
 
 IMPLEMENTATIONS = ("auto", "einsum", "gather", "ragged")
 
-Slots = collections.namedtuple("Slots", ["expert_mask", "kept", "position", "gate"])
-Slots.__doc__ = """Where each token goes (float32, [O, G, S, E] unless noted).
+Round = collections.namedtuple("Round", ["kept", "position", "gate"])
+Round.__doc__ = """Where one of each token's choices goes (float32).
 
-expert_mask: {0,1} top-1 choice of real tokens, before capacity (what the balance loss counts).
-kept: {0,1} expert_mask of the tokens that fit in their expert's capacity.
-position: the token's place in its expert's queue (0-based; meaningful where expert_mask is 1).
-gate: [O, G, S] p_i(x) of the chosen expert.
+kept: [O, G, S, E] {0,1} the choice's expert, where the token got a slot there.
+position: [O, G, S, E] the token's slot in that expert's queue (0-based; meaningful where kept).
+gate: [O, G, S] the choice's gate, 0 where it was not kept.
+"""
+
+Slots = collections.namedtuple("Slots", ["expert_mask", "rounds"])
+Slots.__doc__ = """The routing after capacity.
+
+expert_mask: [O, G, S, E] {0,1} first choice of the real tokens before capacity (what the
+  balance loss counts).
+rounds: list of Round, one per router choice, in the order they were given capacity.
 """
 
 
@@ -62,8 +69,14 @@ def expert_capacity(group_size, num_experts, capacity_factor, min_capacity):
   return capacity
 
 
-def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim):
-  """Assigns tokens to capacity slots in token order within each group.
+def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
+                 batch_prioritized=False, reroute=False):
+  """Gives the router's choices capacity slots: all first choices, then all second choices...
+
+  Within a round, tokens queue in token order, or with batch_prioritized by decreasing top-1
+  router probability (batch-prioritized routing, ST-MoE App. D). With reroute
+  (no-token-left-behind, Switch paper App.), round j only routes the tokens that found no slot
+  in rounds < j; otherwise every used choice is routed (top-k).
 
   Args:
     router: a routing.RouterOutput.
@@ -73,12 +86,50 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim):
   Returns:
     Slots.
   """
-  expert_mask = mtf.one_hot(router.expert_index, experts_dim, dtype=router.router_probs.dtype)
-  expert_mask *= nonpadding
-  # Priority is token order: position of each token in its expert's queue.
-  position = mtf.cumsum(expert_mask, group_dim, exclusive=True) * expert_mask
-  kept = expert_mask * mtf.to_float(mtf.less(position, float(capacity_dim.size)))
-  return Slots(expert_mask, kept, position, router.expert_gate)
+  priority = None
+  if batch_prioritized:
+    priority = mtf.stop_gradient(mtf.reduce_max(router.router_probs, reduced_dim=experts_dim))
+  first = router.choices[0].expert_index
+  expert_mask = mtf.one_hot(first, experts_dim, dtype=tf.float32) * nonpadding
+  filled = None  # [O, G, E] slots taken in earlier rounds
+  waiting = nonpadding  # [O, G, S] tokens without a slot (reroute)
+  rounds = []
+  for choice in router.choices:
+    mask = mtf.one_hot(choice.expert_index, experts_dim, dtype=tf.float32) * (
+        waiting if reroute else nonpadding)
+    if choice.candidate is not None:
+      mask *= choice.candidate
+    position = _queue_position(mask, group_dim, priority)
+    if filled is not None:
+      position += filled * mask
+    kept = mask * mtf.to_float(mtf.less(position, float(capacity_dim.size)))
+    rounds.append(Round(kept, position, choice.gate * mtf.reduce_sum(kept,
+                                                                      reduced_dim=experts_dim)))
+    taken = mtf.reduce_sum(kept, reduced_dim=group_dim)
+    filled = taken if filled is None else filled + taken
+    if reroute:
+      waiting -= mtf.reduce_sum(kept, reduced_dim=experts_dim)
+  return Slots(expert_mask, rounds)
+
+
+def _queue_position(mask, group_dim, priority):
+  """Each token's place in its expert's queue: the number of earlier tokens of the group with
+  the same expert, in token order or by decreasing priority [O, G, S]."""
+  if priority is None:
+    return mtf.cumsum(mask, group_dim, exclusive=True) * mask
+  axis = mask.shape.dims.index(group_dim)
+
+  def by_priority(mask, priority):
+    # order: tokens by decreasing priority (ties in token order); rank: its inverse
+    order = tf.argsort(-priority, axis=axis, stable=True)
+    rank = tf.argsort(order, axis=axis)
+    sorted_mask = tf.gather(mask, order, axis=axis, batch_dims=axis)
+    queued = tf.cumsum(sorted_mask, axis=axis, exclusive=True)
+    return tf.gather(queued, rank, axis=axis, batch_dims=axis) * mask
+
+  return mtf.slicewise(by_priority, [mtf.stop_gradient(mask), priority], mask.shape, mask.dtype,
+                       splittable_dims=[d for d in mask.shape.dims if d != group_dim],
+                       name="batch_prioritized_position")
 
 
 def check_implementation(implementation):
@@ -103,22 +154,27 @@ def choose(implementation, experts_split):
   return implementation
 
 
-def kept_expert(slots, experts_dim):
-  """(int32 [O, G, S] expert of each kept token, E for dropped and padding tokens;
-  [O, G, S] gate, 0 for them)."""
-  expert = mtf.reduce_sum(slots.kept * mtf.range(slots.kept.mesh, experts_dim, tf.float32),
-                          reduced_dim=experts_dim)
-  dropped = 1.0 - mtf.reduce_sum(slots.kept, reduced_dim=experts_dim)
-  return mtf.to_int32(expert + dropped * experts_dim.size), slots.gate * (1.0 - dropped)
+def kept_experts(slots, experts_dim, choices_dim):
+  """(int32 [O, G, S, K] expert of each of a token's K = len(slots.rounds) choices, E where the
+  choice has no slot (dropped, unused or padding); [O, G, S, K] gates, 0 there)."""
+  experts = mtf.range(slots.expert_mask.mesh, experts_dim, tf.float32)
+  ids = []
+  for r in slots.rounds:
+    missing = 1.0 - mtf.reduce_sum(r.kept, reduced_dim=experts_dim)
+    ids.append(mtf.reduce_sum(r.kept * experts, reduced_dim=experts_dim) +
+               missing * experts_dim.size)
+  return (mtf.to_int32(mtf.stack(ids, choices_dim.name, axis=3)),
+          mtf.stack([r.gate for r in slots.rounds], choices_dim.name, axis=3))
 
 
 class EinsumDispatch(object):
   """Dispatch and combine as einsums with one-hot [O, G, S, E, C] tensors."""
 
   def __init__(self, slots, capacity_dim):
-    self._dispatch = slots.kept * mtf.one_hot(mtf.to_int32(slots.position), capacity_dim,
-                                              dtype=slots.kept.dtype)
-    self._combine = self._dispatch * slots.gate
+    rounds = [r.kept * mtf.one_hot(mtf.to_int32(r.position), capacity_dim, dtype=r.kept.dtype)
+              for r in slots.rounds]
+    self._dispatch = mtf.add_n(rounds)
+    self._combine = mtf.add_n([d * r.gate for d, r in zip(rounds, slots.rounds)])
 
   def dispatch(self, x, output_shape):
     """[O, G, S, M] -> output_shape [O, E, G, C, M]."""
@@ -130,34 +186,40 @@ class EinsumDispatch(object):
 
 
 class GatherDispatch(object):
-  """Dispatch as a scatter and combine as a gather of each token's slot e * C + position, on
-  each device's local groups; each is the other's gradient. Overflowed and padding tokens get
-  the extra slot E * C: dispatch drops them, combine reads zeros there."""
+  """Dispatch as a scatter and combine as a gather of the slot e * C + position of each of a
+  token's K choices, on each device's local groups; each is the other's gradient. Choices
+  without a slot get the extra slot E * C: dispatch drops them, combine reads zeros there."""
 
   def __init__(self, slots, experts_dim, capacity_dim):
     self._experts_dim, self._capacity_dim = experts_dim, capacity_dim
-    expert, self._gate = kept_expert(slots, experts_dim)
-    # slot = e * C + position; dropped tokens: E * C + 0.
-    position = mtf.to_int32(mtf.reduce_sum(slots.kept * slots.position, reduced_dim=experts_dim))
-    self._slot = expert * capacity_dim.size + position
+    self._choices_dim = mtf.Dimension("choices", len(slots.rounds))
+    expert, self._gate = kept_experts(slots, experts_dim, self._choices_dim)
+    position = mtf.stack([mtf.reduce_sum(r.kept * r.position, reduced_dim=experts_dim)
+                          for r in slots.rounds], self._choices_dim.name, axis=3)
+    # slot = e * C + position; no slot: E * C + 0.
+    self._slot = expert * capacity_dim.size + mtf.to_int32(position)
 
   def dispatch(self, x, output_shape):
     """[O, G, S, M] -> output_shape [O, E, G, C, M]."""
+    dims = x.shape.dims
+    x = mtf.broadcast(x, mtf.Shape(dims[:-1] + [self._choices_dim] + dims[-1:]))
     return self._scatter(x, output_shape)
 
   def combine(self, y, output_shape):
-    """[O, E, G, C, M] -> output_shape [O, G, S, M]: gate * the token's expert output."""
-    return self._gather(y, output_shape) * mtf.cast(self._gate, y.dtype)
+    """[O, E, G, C, M] -> output_shape [O, G, S, M]: sum of gate * the choice's expert output."""
+    dims = output_shape.dims
+    outputs = self._gather(y, mtf.Shape(dims[:-1] + [self._choices_dim] + dims[-1:]))
+    return mtf.einsum([outputs, mtf.cast(self._gate, y.dtype)], output_shape)
 
   def _scatter(self, x, output_shape):
-    """x [O, G, S, M] into slots [O, E, G, C, M]."""
+    """x [O, G, S, K, M] into slots [O, E, G, C, M]."""
     num_experts, capacity = self._experts_dim.size, self._capacity_dim.size
     num_slots = num_experts * capacity
 
     def scatter(x, slot):
-      o, g, _, m = [tf.shape(x)[i] for i in range(4)]
-      # One segment per (local group, slot), plus a dropped-token segment per group.
-      base = tf.reshape(tf.range(o * g) * (num_slots + 1), [o, g, 1])
+      o, g, m = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[4]
+      # One segment per (local group, slot), plus a no-slot segment per group.
+      base = tf.reshape(tf.range(o * g) * (num_slots + 1), [o, g, 1, 1])
       out = tf.math.unsorted_segment_sum(tf.reshape(x, [-1, m]), tf.reshape(slot + base, [-1]),
                                          o * g * (num_slots + 1))
       out = tf.reshape(out, [o, g, num_slots + 1, m])[:, :, :num_slots]
@@ -168,12 +230,12 @@ class GatherDispatch(object):
         grad_function=lambda op, dy: [self._gather(dy, x.shape), None], name="switch_scatter")
 
   def _gather(self, y, output_shape):
-    """Slots y [O, E, G, C, M] back to tokens [O, G, S, M] (zeros for dropped tokens)."""
+    """Slots y [O, E, G, C, M] back to choices [O, G, S, K, M] (zeros where no slot)."""
 
     def gather(y, slot):
-      o, _, g, _, m = [tf.shape(y)[i] for i in range(5)]
+      o, g, m = tf.shape(y)[0], tf.shape(y)[2], tf.shape(y)[4]
       flat = tf.reshape(tf.transpose(y, [0, 2, 1, 3, 4]), [o, g, -1, m])
-      flat = tf.pad(flat, [[0, 0], [0, 0], [0, 1], [0, 0]])  # the dropped-token slot: zeros
+      flat = tf.pad(flat, [[0, 0], [0, 0], [0, 1], [0, 0]])  # the no-slot slot: zeros
       return tf.gather(flat, slot, batch_dims=2)
 
     return mtf.slicewise(
@@ -184,4 +246,4 @@ class GatherDispatch(object):
 def _splittable(grouped_shape):
   """The dimensions a scatter/gather may find split: all but the group and slot dimensions."""
   return [d for d in grouped_shape.dims
-          if d.name not in ("group", "expert_unsplit", "expert_capacity")]
+          if d.name not in ("group", "choices", "expert_unsplit", "expert_capacity")]

@@ -17,12 +17,16 @@ import tensorflow.compat.v1 as tf
 
 
 def expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim, activation, dropout_rate,
-               train, variable_dtype, kernel_initializer):
-  """y = wo . act(wi . x) per expert; GEGLU when activation=["gelu", "linear"]."""
+               train, variable_dtype, kernel_initializer, multiplicative_bias=False):
+  """y = wo . (act(wi . x) [* b]) per expert; GEGLU when activation=["gelu", "linear"]; b is the
+  optional learned multiplicative bias [experts, expert_hidden] (see multiplicative_bias)."""
   h = mtf.layers.dense_product(
       expert_inputs, reduced_dims=expert_inputs.shape.dims[-1:], new_dims=[hidden_dim],
       expert_dims=[experts_dim], activation_functions=activation, use_bias=False,
       variable_dtype=variable_dtype, kernel_initializer=kernel_initializer, name="wi")
+  if multiplicative_bias:
+    h *= mtf.cast(_multiplicative_bias(expert_inputs.mesh, experts_dim, hidden_dim,
+                                       variable_dtype), h.dtype)
   if train and dropout_rate > 0.0:
     h = mtf.dropout(h, is_training=True, keep_prob=1.0 - dropout_rate)
   return mtf.layers.dense(
@@ -30,14 +34,24 @@ def expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim, activation, d
       variable_dtype=variable_dtype, kernel_initializer=kernel_initializer, name="wo")
 
 
+def _multiplicative_bias(mesh, experts_dim, hidden_dim, variable_dtype):
+  """b [experts, expert_hidden], initialised to ones: h <- h * b (ST-MoE App. C's multiplicative
+  bias; with b = 1 the expert is the plain FFN)."""
+  return mtf.get_variable(mesh, "multiplicative_bias", mtf.Shape([experts_dim, hidden_dim]),
+                          initializer=tf.ones_initializer(), dtype=variable_dtype)
+
+
 def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, activation,
-                      dropout_rate, train, variable_dtype, kernel_initializer, shard_dims):
-  """expert_ffn for tokens [O, G, S, M] routed to expert_id [O, G, S] (int32; E = dropped, whose
-  output is 0), as one slicewise op per device: rows are gathered into per-expert segments
-  (padded to a multiple of ROWS), each segment is multiplied by its expert's weights, and the
-  results are gathered back. shard_dims: O and G with sizes = how many ways the layout splits
-  them; weight gradients are summed over them (mesh-tensorflow's all-reduce)."""
+                      dropout_rate, train, variable_dtype, kernel_initializer, shard_dims,
+                      multiplicative_bias=False):
+  """expert_ffn for tokens [O, G, S, M], each sent to the experts expert_id [O, G, S, K] (int32;
+  E = no expert, whose output is 0); returns [O, G, S, K, N]. One slicewise op per device: the
+  (token, choice) rows are gathered into per-expert segments (padded to a multiple of ROWS),
+  each segment is multiplied by its expert's weights, and the results are gathered back.
+  shard_dims: O and G with sizes = how many ways the layout splits them; weight gradients are
+  summed over them (mesh-tensorflow's all-reduce)."""
   model_dim = tokens.shape.dims[-1]
+  choices = expert_id.shape.dims[-1].size
   activations = activation if isinstance(activation, list) else [activation]
   tf_activations = [_tf_activation(a) for a in activations]
 
@@ -49,25 +63,32 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
 
   weights = [weight("wi_%d" % i if len(activations) > 1 else "wi", model_dim, hidden_dim)
              for i in range(len(activations))] + [weight("wo", hidden_dim, output_dim)]
+  if multiplicative_bias:
+    weights.append(_multiplicative_bias(tokens.mesh, experts_dim, hidden_dim, variable_dtype))
   keep_prob = 1.0 - dropout_rate if train else 1.0
 
   def forward(x, ids, *ws):
     rows = tf.reshape(x, [-1, model_dim.size])
     segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size)
-    xs = tf.split(tf.gather(_with_zero_row(rows), segments.source), segments.sizes,
+    # segment entries index (token, choice) pairs: token = entry // K (padding -> zero row)
+    xs = tf.split(tf.gather(_with_zero_row(rows), segments.source // choices), segments.sizes,
                   num=experts_dim.size)
-    per_expert = [tf.unstack(w) for w in ws]  # (not w[e]: its gradient is a dense [E, K, N])
+    # (not w[e]: its gradient is a dense [E, K, N])
+    per_expert = [tf.unstack(w) for w in ws]
+    wi, wo = per_expert[:len(activations)], per_expert[len(activations)]
     ys = []
     for e, x_e in enumerate(xs):
       h = None
-      for act, w in zip(tf_activations, per_expert[:-1]):
+      for act, w in zip(tf_activations, wi):
         factor = act(tf.matmul(x_e, w[e]))
         h = factor if h is None else h * factor
+      if multiplicative_bias:
+        h *= per_expert[-1][e]
       if keep_prob < 1.0:
         h = tf.nn.dropout(h, rate=1.0 - keep_prob)
-      ys.append(tf.matmul(h, per_expert[-1][e]))
+      ys.append(tf.matmul(h, wo[e]))
     y = tf.gather(_with_zero_row(tf.concat(ys, 0)), back)
-    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [output_dim.size]], 0))
+    return tf.reshape(y, tf.concat([tf.shape(ids), [output_dim.size]], 0))
 
   def grad(op, dy):
     x, ids, *ws = op.inputs
@@ -91,7 +112,7 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
                                  for g, w in zip(outputs[1:], ws)]
 
   return mtf.slicewise(forward, [tokens, expert_id] + weights,
-                       mtf.Shape(tokens.shape.dims[:-1] + [output_dim]), tokens.dtype,
+                       mtf.Shape(expert_id.shape.dims + [output_dim]), tokens.dtype,
                        splittable_dims=tokens.shape.dims[:-2], grad_function=grad,
                        name="ragged_expert_ffn")
 
@@ -104,10 +125,11 @@ Segments = collections.namedtuple("Segments", ["source", "sizes"])
 
 
 def _segments(ids, num_experts):
-  """Layout of the padded per-expert row buffer for token expert ids [T] (num_experts = dropped).
+  """Layout of the padded per-expert row buffer for the expert ids [T] of T entries
+  (num_experts = no expert).
 
-  Returns (Segments(source: [R] row of the token in each buffer row, T for padding; sizes: [E]
-  rows per expert segment), back: [T] buffer row of each token, R for dropped tokens)."""
+  Returns (Segments(source: [R] entry of each buffer row, T for padding; sizes: [E] rows per
+  expert segment), back: [T] buffer row of each entry, R for entries without an expert)."""
   num_tokens = tf.shape(ids)[0]
   counts = tf.math.bincount(ids, minlength=num_experts + 1, maxlength=num_experts + 1)
   sizes = (counts[:num_experts] + ROWS - 1) // ROWS * ROWS

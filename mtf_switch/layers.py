@@ -12,11 +12,14 @@ from mtf_switch import routing
 # Variables live under `<layer>/MoE1D/...` (switch_gating, wi, wo) so that checkpoints are
 # interchangeable with mesh-tensorflow's `moe.MoE1D(moe_gating="switch")`.
 CHECKPOINT_SCOPE = "MoE1D"
+# Graph collection of (layer scope + "/", experts each token visits there) for the counter.
+EXPERTS_PER_TOKEN = "mtf_switch_experts_per_token"
 
 
 @gin.configurable
 class SwitchFFN(transformer.TransformerLayer):
-  """Switch feed-forward layer: y = p_i(x) * E_i(x) for the top-1 expert i (paper Eq. 2, k=1).
+  """Switch feed-forward layer: y = sum_{i in top-k} g_i(x) E_i(x) (Switch paper Eq. 2; k = 1
+  for Switch, k = 2 for MoE-Base / ST-MoE).
 
   Every argument is a gin parameter (`SwitchFFN.<name>`):
     num_experts: E, experts per layer (paper Sec. 2; Switch-Base uses 128). Default 8.
@@ -27,6 +30,7 @@ class SwitchFFN(transformer.TransformerLayer):
       (mesh-tensorflow's moe_group_size). Default 1024.
     capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 3 and
       Sec. 2.2; the paper trains with 1.25 and evaluates with 2.0). Defaults 1.25 / 2.0.
+      With k > 1 all k choices share the capacity (first choices are placed first).
     min_capacity: lower bound on C per group (mesh-tensorflow's min_expert_capacity). Default 4.
     router_policy: exploration during training, one of "argmax", "input_jitter",
       "input_dropout" (paper Table 11; input_jitter is the paper's choice). Default input_jitter.
@@ -34,10 +38,28 @@ class SwitchFFN(transformer.TransformerLayer):
     router_dropout_rate: dropout on router inputs for "input_dropout" (Table 11). Default 0.1.
     expert_dropout_rate: dropout inside the experts, separate from model dropout (paper
       Table 4 uses 0.4 when fine-tuning). Default 0.0 (T5.1.1 pretraining has no dropout).
-    loss_coef: alpha of the load-balancing loss alpha * N * sum_i f_i P_i (Eq. 4; Sec. 2.2
-      and Appendix: 1e-2). Default 1e-2.
+    loss_coef: c_B of the load-balancing loss c_B * E * sum_i f_i P_i (Switch Eq. 4; Sec. 2.2:
+      1e-2), with f_i counting first choices. Default 1e-2.
+    router_z_loss_coef: c_z of the router z-loss c_z * mean_tokens(logsumexp(h(x))^2) (ST-MoE
+      Eq. 5; 1e-3 in ST-MoE). Independent of loss_coef (mesh-tensorflow's MoE1D scales its
+      z-loss by loss_coef as well). Default 0.0 (off, as in the Switch paper).
     init_scale: s in truncated normal std = sqrt(s / fan_in) for router and experts (paper
       Sec. 2.4 / Table 3: 0.1, ten times below the usual 1.0). Default 0.1.
+    num_selected_experts: k, experts per token (ST-MoE "top-n"; Switch Table 1's MoE-Base: 2).
+      Gates are renormalised over the k choices when k > 1. Default 1 (Switch).
+    second_policy_train / second_policy_eval: which 2nd..k-th choices are used: "all", "none",
+      "threshold" (gate > second_threshold) or "random" (with probability min(1, gate /
+      second_threshold), GShard and mesh-tensorflow's default). Defaults "random" / "random".
+    second_threshold: threshold of those policies (GShard / mesh-tensorflow: 0.2). Default 0.2.
+    batch_prioritized_routing: within a group, tokens with a higher top-1 router probability
+      take capacity first (ST-MoE App. D) instead of tokens that come first. Encoder only: it
+      would let a decoder token see later tokens. Default False.
+    multiplicative_bias: a learned [experts, expert_hidden] vector b, initialised to ones,
+      multiplying each expert's hidden activations (ST-MoE App. C). Default False.
+    no_token_left_behind: experimental (Switch paper App.; mesh-tensorflow's ntlb gating): 0
+      (off) or n >= 2: a token that finds its expert full tries its next-best expert, up to its
+      n-th, with the gate p_j(x) of the expert that takes it. Needs num_selected_experts = 1.
+      Default 0.
     dispatch: how tokens reach their experts (dispatch.py), all with the same outputs,
       gradients and checkpoints: "einsum" (one-hot einsums, mesh-tensorflow's MoE1D, the
       paper's TPU implementation), "gather" (scatter/gather of capacity slots on each device),
@@ -50,11 +72,26 @@ class SwitchFFN(transformer.TransformerLayer):
                group_size=1024, capacity_factor_train=1.25, capacity_factor_eval=2.0,
                min_capacity=4, router_policy="input_jitter", jitter_eps=1e-2,
                router_dropout_rate=0.1, expert_dropout_rate=0.0, loss_coef=1e-2,
-               init_scale=0.1, dispatch="auto"):
+               router_z_loss_coef=0.0, init_scale=0.1, num_selected_experts=1,
+               second_policy_train="random", second_policy_eval="random", second_threshold=0.2,
+               batch_prioritized_routing=False, multiplicative_bias=False,
+               no_token_left_behind=0, dispatch="auto"):
     routing.check_policy(router_policy)
+    routing.check_second_policy(second_policy_train)
+    routing.check_second_policy(second_policy_eval)
     dispatch_lib.check_implementation(dispatch)
     if num_experts < 1:
       raise ValueError("SwitchFFN.num_experts must be >= 1, got %d." % num_experts)
+    if not 1 <= num_selected_experts <= num_experts:
+      raise ValueError("SwitchFFN.num_selected_experts must be between 1 and num_experts=%d, "
+                       "got %d." % (num_experts, num_selected_experts))
+    if no_token_left_behind and not 2 <= no_token_left_behind <= num_experts:
+      raise ValueError("SwitchFFN.no_token_left_behind must be 0 (off) or the number of choices "
+                       "a token may try, between 2 and num_experts=%d; got %d." % (
+                           num_experts, no_token_left_behind))
+    if no_token_left_behind and num_selected_experts > 1:
+      raise ValueError("SwitchFFN.no_token_left_behind reroutes top-1 tokens; it cannot be "
+                       "combined with num_selected_experts=%d." % num_selected_experts)
     self.num_experts = num_experts
     self.hidden_size = hidden_size
     self.activation = list(activation) if isinstance(activation, (list, tuple)) else activation
@@ -67,13 +104,26 @@ class SwitchFFN(transformer.TransformerLayer):
     self.router_dropout_rate = router_dropout_rate
     self.expert_dropout_rate = expert_dropout_rate
     self.loss_coef = loss_coef
+    self.router_z_loss_coef = router_z_loss_coef
     self.init_scale = init_scale
+    self.num_selected_experts = num_selected_experts
+    self.second_policy_train = second_policy_train
+    self.second_policy_eval = second_policy_eval
+    self.second_threshold = second_threshold
+    self.batch_prioritized_routing = batch_prioritized_routing
+    self.multiplicative_bias = multiplicative_bias
+    self.no_token_left_behind = no_token_left_behind
     self.dispatch = dispatch
 
   def call(self, context, x):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
     if context.model.ensemble_dim:
       raise NotImplementedError("SwitchFFN does not support ensembles.")
+    if self.batch_prioritized_routing and context.model.autoregressive:
+      raise ValueError(
+          "SwitchFFN.batch_prioritized_routing is for encoders only: in an autoregressive "
+          "decoder it would let a token's routing depend on later tokens. Bind it in the "
+          "encoder's scope only (encoder/SwitchFFN.batch_prioritized_routing = True).")
     y, aux_loss = self.apply(
         x, context.model.model_dim, train=context.train,
         variable_dtype=context.variable_dtype, layout=context.model.layout,
@@ -85,7 +135,7 @@ class SwitchFFN(transformer.TransformerLayer):
 
   def apply(self, x, output_dim, train, variable_dtype, layout=None, mesh_shape=None,
             nonpadding=None, num_microbatches=None):
-    """The layer as a function: returns (y, loss_coef * balance loss in x.dtype)."""
+    """The layer as a function: returns (y, c_B L_B + c_z L_z in x.dtype)."""
     with _checkpoint_scope(type(self).__name__):
       return self._apply(x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
                          num_microbatches)
@@ -122,12 +172,28 @@ class SwitchFFN(transformer.TransformerLayer):
       nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
     init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
 
-    router = routing.top1_router(inputs, experts_unsplit, self.router_policy, self.jitter_eps,
-                                 self.router_dropout_rate, train, variable_dtype, init)
+    tf.add_to_collection(EXPERTS_PER_TOKEN, (tf.get_variable_scope().name + "/",
+                                             self.num_selected_experts))
+    logits = routing.router_logits(
+        inputs, experts_unsplit, self.router_policy, self.jitter_eps, self.router_dropout_rate,
+        train, variable_dtype, init,
+        name=routing.router_scope(self.num_selected_experts, self.no_token_left_behind))
+    if self.no_token_left_behind:
+      router = routing.top_k_router(logits, experts_unsplit, self.no_token_left_behind,
+                                    renormalize=False)
+    else:
+      router = routing.top_k_router(
+          logits, experts_unsplit, self.num_selected_experts,
+          self.second_policy_train if train else self.second_policy_eval, self.second_threshold)
     slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
-                                      capacity_dim)
+                                      capacity_dim, self.batch_prioritized_routing,
+                                      reroute=bool(self.no_token_left_behind))
+    # c_B L_B + c_z L_z  (ST-MoE Eq. 6, without the cross-entropy)
     aux_loss = self.loss_coef * losses.load_balancing_loss(
         router.router_probs, slots.expert_mask, nonpadding, experts_unsplit, group_dim)
+    if self.router_z_loss_coef:
+      aux_loss += self.router_z_loss_coef * losses.router_z_loss(
+          router.router_logits, nonpadding, experts_unsplit)
     if num_microbatches and num_microbatches > 1:
       aux_loss /= num_microbatches
 
@@ -137,12 +203,14 @@ class SwitchFFN(transformer.TransformerLayer):
                         for d in (experts_dim, hidden_dim))
     implementation = dispatch_lib.choose(self.dispatch, experts_split)
     if implementation == "ragged":
-      expert, gate = dispatch_lib.kept_expert(slots, experts_unsplit)
+      choices_dim = mtf.Dimension("choices", len(slots.rounds))
+      expert, gate = dispatch_lib.kept_experts(slots, experts_unsplit, choices_dim)
       shard_dims = [mtf.Dimension(d.name, mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d))
                     for d in (outer_dim, groups_dim)]
       y = experts.ragged_expert_ffn(inputs, expert, experts_dim, hidden_dim, output_dim,
-                                    *ffn_args, shard_dims=shard_dims)
-      y *= mtf.cast(gate, y.dtype)
+                                    *ffn_args, shard_dims=shard_dims,
+                                    multiplicative_bias=self.multiplicative_bias)
+      y = mtf.einsum([y, mtf.cast(gate, y.dtype)], mtf.Shape(grouped + [output_dim]))
       return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
 
     if implementation == "einsum":
@@ -157,11 +225,11 @@ class SwitchFFN(transformer.TransformerLayer):
     expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
                                              capacity_dim], model_dim)
     expert_outputs = experts.expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim,
-                                        *ffn_args)
+                                        *ffn_args, multiplicative_bias=self.multiplicative_bias)
     # Split over experts -> split over groups (the return all-to-all).
     expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
                                                capacity_dim], output_dim)
-    # y = sum over slots of p_i(x) * E_i(x); overflowed tokens get 0 (only the residual).
+    # y = sum over slots of g_i(x) * E_i(x); a token with no slot gets 0 (only the residual).
     y = mover.combine(expert_outputs, mtf.Shape(grouped + [output_dim]))
     return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
 

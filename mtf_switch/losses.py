@@ -1,4 +1,5 @@
-"""Auxiliary router losses."""
+"""Auxiliary router losses, computed in float32. The layer adds c_B L_B + c_z L_z to the model's
+cross-entropy (ST-MoE Eq. 6); c_B = SwitchFFN.loss_coef, c_z = SwitchFFN.router_z_loss_coef."""
 import mesh_tensorflow as mtf
 
 
@@ -16,3 +17,11 @@ def load_balancing_loss(router_probs, expert_mask, nonpadding, experts_dim, grou
   per_group = float(experts_dim.size) * mtf.reduce_sum(f * p, reduced_dim=experts_dim)
   nonempty = mtf.to_float(mtf.greater(tokens, 0.0))
   return mtf.reduce_sum(per_group * nonempty) / mtf.maximum(mtf.reduce_sum(nonempty), 1.0)
+
+
+def router_z_loss(router_logits, nonpadding, experts_dim):
+  """L_z = (1/B) sum_tokens (log sum_j exp(h_j(x)))^2 over the B real tokens (ST-MoE Eq. 5);
+  padding is excluded."""
+  log_z = mtf.reduce_logsumexp(router_logits, reduced_dim=experts_dim)
+  return (mtf.reduce_sum(mtf.square(log_z) * nonpadding) /
+          mtf.maximum(mtf.reduce_sum(nonpadding), 1.0))

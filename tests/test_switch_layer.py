@@ -57,9 +57,13 @@ def test_bfloat16_activations_keep_a_float32_router(rng):
     mesh = mtf.Mesh(mtf.Graph(), "mesh")
     x_bf16 = mtf.zeros(mesh, mtf.Shape([mtf.Dimension("group", 8), mtf.Dimension("d", 12)]),
                        tf.bfloat16)
-    out = routing.top1_router(x_bf16, mtf.Dimension("experts", 4), "input_jitter", 1e-2, 0.1,
-                              True, mtf.VariableDType(tf.float32, tf.float32, tf.bfloat16), None)
+    experts = mtf.Dimension("experts", 4)
+    logits = routing.router_logits(x_bf16, experts, "input_jitter", 1e-2, 0.1, True,
+                                   mtf.VariableDType(tf.float32, tf.float32, tf.bfloat16), None,
+                                   name="router")
+    out = routing.top_k_router(logits, experts, 2)
   assert out.router_logits.dtype == out.router_probs.dtype == tf.float32
+  assert all(c.gate.dtype == tf.float32 for c in out.choices)
 
 
 def test_variables_match_moe1d_names_and_shapes(rng):
