@@ -133,7 +133,7 @@ class SwitchFFN(transformer.TransformerLayer):
       context.losses.append(aux_loss)
     return y
 
-  def apply(self, x, output_dim, train, variable_dtype, layout=None, mesh_shape=None,
+  def apply(self, x, output_dim, train, variable_dtype, layout="", mesh_shape="",
             nonpadding=None, num_microbatches=None):
     """The layer as a function: returns (y, c_B L_B + c_z L_z in x.dtype)."""
     with _checkpoint_scope(type(self).__name__):

@@ -1,4 +1,6 @@
-"""An independent numpy reference of the Switch layer (paper Eq. 1-4), token by token."""
+"""An independent numpy reference of the routed expert layer, token by token: Switch (paper Eq.
+1-4), top-k (GShard / Switch Table 1 MoE-Base / ST-MoE top-n), batch-prioritized routing (ST-MoE
+App. D), no-token-left-behind (Switch App.), z-loss (ST-MoE Eq. 5) and the multiplicative bias."""
 import numpy as np
 
 
@@ -10,38 +12,75 @@ def relu(x):
   return np.maximum(x, 0.0)
 
 
-def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, geglu=True):
-  """x [batch, length, d]; weights from run_switch. Tokens are grouped in row-major order."""
+def router_weights(weights):
+  """The router kernel [d_model, E], whatever its scope name (switch_gating, top_2_gating...)."""
+  (name,) = [k for k in weights if k.endswith("_gating")]
+  return weights[name]
+
+
+def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, geglu=True, k=1,
+                     second_threshold=None, bpr=False, ntlb=0, z_coef=0.0):
+  """x [batch, length, d]; weights from run_switch. Tokens are grouped in row-major order.
+
+  k: experts per token, gates renormalised over them when k > 1; second_threshold: a choice
+  after the first is used only if its renormalised gate exceeds it (None: always); bpr: queue
+  tokens by decreasing top-1 probability; ntlb: number of ranked choices a token may try, each
+  only if the previous ones found no slot (gate p_j(x)). Returns (y, aux loss, dropped) where
+  dropped counts real tokens that got no expert at all."""
   b, l, d = x.shape
   tokens = x.reshape(num_groups, -1, d).astype(np.float64)
   pad = np.ones((b, l)) if nonpadding is None else nonpadding
   pad = pad.reshape(num_groups, -1)
-  w_r = weights["switch_gating"]
+  w_r = router_weights(weights)
   num_experts = w_r.shape[1]
+  bias = weights.get("multiplicative_bias")
+
+  def expert(e, t):
+    if geglu:
+      h = gelu(t @ weights["wi_0"][e]) * (t @ weights["wi_1"][e])
+    else:
+      h = relu(t @ weights["wi"][e])
+    if bias is not None:
+      h = h * bias[e]
+    return h @ weights["wo"][e]
+
   y = np.zeros_like(tokens)
-  group_losses = []
+  group_losses, z_terms = [], []
+  dropped = 0
   for g in range(num_groups):
     logits = tokens[g] @ w_r
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    choice = probs.argmax(-1)
+    ranked = np.argsort(-probs, axis=-1, kind="stable")
+    rounds = ntlb or k
+    gates = np.take_along_axis(probs, ranked[:, :rounds], -1)
+    if k > 1:
+      gates = gates / gates.sum(-1, keepdims=True)
+    order = np.arange(tokens.shape[1])
+    if bpr:
+      order = np.argsort(-probs.max(-1), kind="stable")
     used = np.zeros(num_experts, int)
-    for s in range(tokens.shape[1]):
-      if not pad[g, s]:
-        continue
-      e = choice[s]
-      if used[e] < capacity:
-        used[e] += 1
-        t = tokens[g, s]
-        if geglu:
-          h = gelu(t @ weights["wi_0"][e]) * (t @ weights["wi_1"][e])
-        else:
-          h = relu(t @ weights["wi"][e])
-        y[g, s] = probs[s, e] * (h @ weights["wo"][e])
+    placed = np.zeros(tokens.shape[1], bool)
+    for j in range(rounds):
+      for s in order:
+        if not pad[g, s] or (ntlb and placed[s]):
+          continue
+        if j > 0 and not ntlb and second_threshold is not None and \
+            gates[s, j] <= second_threshold:
+          continue
+        e = ranked[s, j]
+        if used[e] < capacity:
+          used[e] += 1
+          placed[s] = True
+          y[g, s] += gates[s, j] * expert(e, tokens[g, s])
     real = pad[g] > 0
+    dropped += int(np.sum(real & ~placed))
     if real.any():
-      f = np.bincount(choice[real], minlength=num_experts) / real.sum()
+      f = np.bincount(ranked[real, 0], minlength=num_experts) / real.sum()
       p = probs[real].mean(0)
       group_losses.append(num_experts * np.sum(f * p))
+      log_z = np.log(np.exp(logits[real]).sum(-1))
+      z_terms.extend(log_z ** 2)
   loss = loss_coef * (np.mean(group_losses) if group_losses else 0.0)
-  return y.reshape(b, l, d), loss
+  loss += z_coef * (np.mean(z_terms) if z_terms else 0.0)
+  return y.reshape(b, l, d), loss, dropped

@@ -20,19 +20,20 @@ def counted(model, *gin_params):
 
 
 def closed_form(d_model, d_ff, n_mats, heads, d_kv, layers, experts=0, every=2, tied=True,
-                inputs=512, targets=114):
+                k=1, extra_dense=False, inputs=512, targets=114):
   """(params, Kaplan FLOPs/sequence) of a T5 encoder-decoder (embeddings tied or not), a shared
-  relative attention bias per stack, RMS-norm scales, and a Switch layer at every `every`-th FFN
-  (none if experts == 0)."""
+  relative attention bias per stack, RMS-norm scales, and a Switch layer with k experts per token
+  at every `every`-th FFN (none if experts == 0), each followed by a dense FFN if extra_dense."""
   attn = 4 * d_model * heads * d_kv
   ffn = n_mats * d_model * d_ff
   sparse = layers // every if experts else 0
-  dense = layers - sparse
+  dense = layers - sparse + (sparse if extra_dense else 0)
   expert_layer = experts * ffn + d_model * experts  # experts + router
+  norms = 5 * layers + 2 + (2 * sparse if extra_dense else 0)
   params = (3 * layers * attn + 2 * dense * ffn + 2 * sparse * expert_layer
-            + (5 * layers + 2) * d_model + 2 * 32 * heads + (1 if tied else 2) * VOCAB * d_model)
-  per_token_enc = layers * attn + layers * ffn  # one expert per token, routers excluded
-  per_token_dec = 2 * layers * attn + layers * ffn
+            + norms * d_model + 2 * 32 * heads + (1 if tied else 2) * VOCAB * d_model)
+  per_token_enc = layers * attn + (dense + k * sparse) * ffn  # routers excluded
+  per_token_dec = 2 * layers * attn + (dense + k * sparse) * ffn
   context = 2 * heads * d_kv * layers * (inputs * inputs + targets * targets + targets * inputs)
   flops = (2 * inputs * per_token_enc + 2 * targets * per_token_dec + context
            + 2 * targets * VOCAB * d_model)
@@ -50,6 +51,10 @@ def closed_form(d_model, d_ff, n_mats, heads, d_kv, layers, experts=0, every=2, 
                       experts=2048, every=1)),
     ("switch_tiny", dict(d_model=128, d_ff=256, n_mats=3, heads=4, d_kv=32, layers=4,
                          experts=8, tied=False)),
+    ("moe_base_top2", dict(d_model=768, d_ff=2048, n_mats=3, heads=12, d_kv=64, layers=12,
+                           experts=128, k=2)),
+    ("st_moe_l", dict(d_model=1024, d_ff=2816, n_mats=3, heads=16, d_kv=64, layers=24,
+                      experts=32, every=4, k=2, extra_dense=True)),
 ])
 def test_counts_equal_closed_form(model, dims):
   params, flops = closed_form(**dims)
@@ -80,6 +85,8 @@ PAPER = {
     "switch_c": (1571e9, 890e9),
     "switch_base_e256": (14.7e9, 124e9),
 }
+# ST-MoE Table 11 parameters.
+ST_MOE = {"st_moe_l": 4.1e9, "st_moe_32b": 269e9}
 
 
 @pytest.mark.parametrize("model", sorted(PAPER))
@@ -88,6 +95,19 @@ def test_paper_counts(model):
   got = counted(model)
   assert got["params"] == pytest.approx(params, rel=0.02)
   assert got["flops_per_sequence"] == pytest.approx(flops, rel=0.10)
+
+
+@pytest.mark.parametrize("model", sorted(ST_MOE))
+def test_st_moe_parameter_counts(model):
+  assert counted(model)["params"] == pytest.approx(ST_MOE[model], rel=0.01)
+
+
+def test_top2_doubles_only_the_expert_flops():
+  top1, top2 = counted("switch_base"), counted("moe_base_top2")
+  assert top2["params"] == top1["params"]
+  # 12 sparse layers, each one more expert FFN (3 * 768 * 2048 weights) per token of its stack
+  assert top2["flops_per_sequence"] - top1["flops_per_sequence"] == \
+      2 * 3 * 768 * 2048 * 6 * (512 + 114)
 
 
 def test_switch_large_as_printed_in_table_9():
@@ -111,7 +131,7 @@ def test_every_zoo_model_counts_and_switch_models_are_flop_matched():
   for model in zoo:
     got = counted(model)
     assert got["params"] > got["expert_params"] >= 0, model
-    assert (got["expert_params"] > 0) == model.startswith("switch"), model
+    assert (got["expert_params"] > 0) == model.startswith(("switch", "moe", "st_moe")), model
   plus = counted("switch_base_plus")
   assert plus["flops_per_sequence"] > counted("switch_base")["flops_per_sequence"]
 

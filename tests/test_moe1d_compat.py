@@ -26,7 +26,20 @@ def _context(length, model_dim, nonpadding, train):
       num_microbatches=None, input_embeddings=None)
 
 
-def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum"):
+# MoE1D's gatings and the SwitchFFN bindings that compute the same routing (deterministic:
+# no jitter, second experts by threshold).
+GATINGS = {
+    "switch": ({}, {}),
+    "top_2": (dict(second_policy_train="threshold", second_policy_eval="threshold",
+                   second_threshold_train=0.3, second_threshold_eval=0.3),
+              dict(num_selected_experts=2, second_policy_train="threshold",
+                   second_policy_eval="threshold", second_threshold=0.3)),
+    "ntlb": (dict(ntlb_top_k=3), dict(no_token_left_behind=3)),
+}
+
+
+def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum",
+         gating="switch"):
   """Builds one layer in scope layer_000/<class name> (as LayerStack does) and runs it."""
   with tf.Graph().as_default():
     tf.set_random_seed(1)
@@ -40,12 +53,13 @@ def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum
     ctx = _context(length, model_dim, mpad, train)
     if layer_cls is moe.MoE1D:
       layer = moe.MoE1D(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
-                        moe_gating="switch", activation=["gelu", "linear"],
+                        moe_gating=gating, activation=["gelu", "linear"],
                         switch_policy_train="argmax", switch_policy_eval="argmax",
-                        min_expert_capacity=4)
+                        min_expert_capacity=4, **GATINGS[gating][0])
     else:
       layer = layers.SwitchFFN(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
-                               router_policy="argmax", min_capacity=4, dispatch=dispatch)
+                               router_policy="argmax", min_capacity=4, dispatch=dispatch,
+                               **GATINGS[gating][1])
     with tf.variable_scope("layer_000"), tf.variable_scope(layer_cls.__name__):
       y = layer.call(ctx, mx)
     impl = mtf.placement_mesh_impl.PlacementMeshImpl("", "", [""])
@@ -85,6 +99,31 @@ def test_checkpoint_interchange_gives_identical_outputs(tmp_path, writer, reader
     np.testing.assert_array_equal(y_w, y_r)
   else:
     np.testing.assert_allclose(y_w, y_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gating", ["top_2", "ntlb"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "ragged"])
+def test_moe1d_top2_and_ntlb_checkpoints_give_identical_outputs(tmp_path, gating, train,
+                                                                 dispatch):
+  rng = np.random.RandomState(5)
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  pad = (rng.rand(4, 8) > 0.2).astype(np.float32)
+  ckpt = str(tmp_path / "model.ckpt")
+  y_m, loss_m, names_m = _run(moe.MoE1D, x, pad, train, ckpt_out=ckpt, gating=gating)
+  y_s, _, names_s = _run(layers.SwitchFFN, x, pad, train, ckpt_in=ckpt, dispatch=dispatch,
+                         gating=gating)
+  assert names_m == names_s and names_m[0] == "layer_000/MoE1D/%s_gating/kernel" % gating
+  assert np.abs(y_m).max() > 0
+  if dispatch == "einsum":
+    np.testing.assert_array_equal(y_s, y_m)
+  else:
+    np.testing.assert_allclose(y_s, y_m, rtol=1e-5, atol=1e-6)
+  if gating == "top_2":  # same balance loss without padding (MoE1D counts padding in f_i)
+    no_pad = np.ones_like(pad)
+    _, loss_m, _ = _run(moe.MoE1D, x, no_pad, train, ckpt_in=ckpt, gating=gating)
+    _, loss_s, _ = _run(layers.SwitchFFN, x, no_pad, train, ckpt_in=ckpt, gating=gating)
+    np.testing.assert_allclose(loss_s, loss_m, rtol=1e-6)
 
 
 def test_balance_loss_differs_from_moe1d_only_through_padding(tmp_path):

@@ -30,7 +30,7 @@ def test_matches_numpy_reference_with_padding(rng, activation, train):
                  capacity_factor_eval=2.0)
   y, loss, w = run_switch(layer, x, pad, train=train)
   capacity = 2 if train else 4
-  ref_y, ref_loss = switch_reference(x, pad, w, num_groups=4, capacity=capacity,
+  ref_y, ref_loss, _ = switch_reference(x, pad, w, num_groups=4, capacity=capacity,
                                      loss_coef=1e-2, geglu=activation != "relu")
   np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-7, rtol=1e-5)
@@ -51,7 +51,7 @@ def test_bfloat16_activations_keep_a_float32_router(rng):
   x = rng.randn(4, 8, 12).astype(np.float32)
   layer = _layer(router_policy="argmax")
   y, _, w = run_switch(layer, x, dtype=tf.bfloat16)
-  ref_y, _ = switch_reference(x, None, w, num_groups=4, capacity=4, loss_coef=1e-2)
+  ref_y, _, _ = switch_reference(x, None, w, num_groups=4, capacity=4, loss_coef=1e-2)
   np.testing.assert_allclose(y, ref_y, atol=0.1, rtol=0.05)  # bfloat16 experts
   with tf.Graph().as_default():
     mesh = mtf.Mesh(mtf.Graph(), "mesh")
@@ -88,7 +88,7 @@ def test_capacity_keeps_first_come_tokens_and_zeroes_overflow(rng):
   y, _, w = run_switch(layer, x)
   assert np.all(np.abs(y[:, :4]).sum(-1) > 0)
   assert np.all(y[:, 4:] == 0.0)
-  ref_y, _ = switch_reference(x, None, w, num_groups=2, capacity=4, loss_coef=1e-2)
+  ref_y, _, _ = switch_reference(x, None, w, num_groups=2, capacity=4, loss_coef=1e-2)
   np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
 
 
