@@ -125,3 +125,20 @@ def test_trains_over_a_multi_device_layout(env, tmp_path, layout, mesh):
   assert np.isfinite(final_loss)
   with open(os.path.join(str(model_dir), "operative_config.gin")) as f:
     assert "run.mesh_shape = '%s'" % mesh in f.read()
+
+
+def test_trains_st_moe_tiny_in_bfloat16_with_encoder_bpr(env, tmp_path):
+  """ST-MoE recipe (top-2, z-loss, sparse-dense, every fourth FFN) with bfloat16 activations and
+  float32 routers, batch-prioritized routing in the encoder only."""
+  model_dir = tmp_path / "st_moe"
+  final_loss = train(env, model_dir, "gin/models/st_moe_tiny.gin", 20, flags=[
+      "--gin_param=utils.get_variable_dtype.activation_dtype='bfloat16'",
+      "--gin_param=encoder/SwitchFFN.batch_prioritized_routing=True"])
+  first_loss = losses(model_dir)[0]
+  assert np.isfinite(final_loss) and final_loss < first_loss - 1.0, (first_loss, final_loss)
+  names = dict(tf.train.list_variables(str(model_dir)))
+  for stack, layer in (("encoder", 7), ("decoder", 11)):
+    prefix = "%s/block_000/layer_%03d/" % (stack, layer)
+    assert names[prefix + "MoE1D/top_2_gating/kernel"] == [128, 8]
+    assert prefix.replace("%03d" % layer, "%03d" % (layer + 1)) + "DenseReluDense/wo/kernel" \
+        in names

@@ -3,11 +3,13 @@ prioritized routing, no-token-left-behind, router z-loss, multiplicative bias; t
 import types
 
 import mesh_tensorflow as mtf
+from mesh_tensorflow.transformer import transformer_layers
 import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
 from mtf_switch import layers
+from mtf_switch import stacks
 
 from conftest import run_switch
 from reference import router_weights
@@ -192,3 +194,24 @@ def test_selective_precision_keeps_the_router_in_float32():
   assert len(expert_side) >= 4
   for op in expert_side:
     assert all(t.dtype == tf.bfloat16 for t in op.inputs + op.outputs), op.name
+
+
+@pytest.mark.parametrize("decoder,every,extra,expected", [
+    (False, 2, "none", "A D A S"),
+    (False, 1, "none", "A S"),
+    (True, 2, "none", "A X D A X S"),
+    (False, 4, "after", "A D A D A D A S D"),
+    (True, 4, "before", "A X D A X D A X D A X D S"),
+])
+def test_sparse_block_layers(decoder, every, extra, expected):
+  letters = {transformer_layers.SelfAttention: "A", transformer_layers.EncDecAttention: "X",
+             transformer_layers.DenseReluDense: "D", layers.SwitchFFN: "S"}
+  block = stacks.sparse_block(decoder=decoder, sparse_every=every, extra_dense_ffn=extra)
+  assert " ".join(letters[cls] for cls in block) == expected
+
+
+@pytest.mark.parametrize("kw,match", [(dict(sparse_every=0), "sparse_every must be >= 1"),
+                                      (dict(extra_dense_ffn="middle"), "'middle'; choose one")])
+def test_sparse_block_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    stacks.sparse_block(**kw)
