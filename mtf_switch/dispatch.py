@@ -31,12 +31,13 @@ position: [O, G, S, E] the token's slot in that expert's queue (0-based; meaning
 gate: [O, G, S] the choice's gate, 0 where it was not kept.
 """
 
-Slots = collections.namedtuple("Slots", ["expert_mask", "rounds"])
+Slots = collections.namedtuple("Slots", ["expert_mask", "rounds", "requests"])
 Slots.__doc__ = """The routing after capacity.
 
 expert_mask: [O, G, S, E] {0,1} first choice of the real tokens before capacity (what the
   balance loss counts).
 rounds: list of Round, one per router choice, in the order they were given capacity.
+requests: [O, G, S] slots each token asked for: its used choices (1 with reroute; 0 padding).
 """
 
 
@@ -93,12 +94,14 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
   expert_mask = mtf.one_hot(first, experts_dim, dtype=tf.float32) * nonpadding
   filled = None  # [O, G, E] slots taken in earlier rounds
   waiting = nonpadding  # [O, G, S] tokens without a slot (reroute)
-  rounds = []
-  for choice in router.choices:
+  rounds, requests = [], nonpadding
+  for j, choice in enumerate(router.choices):
     mask = mtf.one_hot(choice.expert_index, experts_dim, dtype=tf.float32) * (
         waiting if reroute else nonpadding)
     if choice.candidate is not None:
       mask *= choice.candidate
+    if j and not reroute:
+      requests += mtf.reduce_sum(mask, reduced_dim=experts_dim)
     position = _queue_position(mask, group_dim, priority)
     if filled is not None:
       position += filled * mask
@@ -109,7 +112,7 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
     filled = taken if filled is None else filled + taken
     if reroute:
       waiting -= mtf.reduce_sum(kept, reduced_dim=experts_dim)
-  return Slots(expert_mask, rounds)
+  return Slots(expert_mask, rounds, requests)
 
 
 def _queue_position(mask, group_dim, priority):

@@ -7,6 +7,7 @@ import tensorflow.compat.v1 as tf
 from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import experts
 from mtf_switch import losses
+from mtf_switch import metrics
 from mtf_switch import routing
 
 # Variables live under `<layer>/MoE1D/...` (switch_gating, wi, wo) so that checkpoints are
@@ -66,6 +67,9 @@ class SwitchFFN(transformer.TransformerLayer):
       "ragged" (each token times its own expert's weights; no capacity slack computed; experts
       not split over the mesh) or "auto" (einsum on TPU, else ragged where the layout allows,
       else gather). Default "auto".
+    summaries: record the layer's routing metrics during training as scalar summaries
+      (metrics.py: expert fractions, dropped fraction, router entropy, top-1 gate, balance and
+      z-loss). Default True.
   """
 
   def __init__(self, num_experts=8, hidden_size=1024, activation=("gelu", "linear"),
@@ -75,7 +79,7 @@ class SwitchFFN(transformer.TransformerLayer):
                router_z_loss_coef=0.0, init_scale=0.1, num_selected_experts=1,
                second_policy_train="random", second_policy_eval="random", second_threshold=0.2,
                batch_prioritized_routing=False, multiplicative_bias=False,
-               no_token_left_behind=0, dispatch="auto"):
+               no_token_left_behind=0, dispatch="auto", summaries=True):
     routing.check_policy(router_policy)
     routing.check_second_policy(second_policy_train)
     routing.check_second_policy(second_policy_eval)
@@ -114,6 +118,7 @@ class SwitchFFN(transformer.TransformerLayer):
     self.multiplicative_bias = multiplicative_bias
     self.no_token_left_behind = no_token_left_behind
     self.dispatch = dispatch
+    self.summaries = summaries
 
   def call(self, context, x):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
@@ -188,12 +193,17 @@ class SwitchFFN(transformer.TransformerLayer):
     slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
                                       capacity_dim, self.batch_prioritized_routing,
                                       reroute=bool(self.no_token_left_behind))
+    balance_loss = losses.load_balancing_loss(router.router_probs, slots.expert_mask,
+                                              nonpadding, experts_unsplit, group_dim)
+    z_loss = losses.router_z_loss(router.router_logits, nonpadding, experts_unsplit)
     # c_B L_B + c_z L_z  (ST-MoE Eq. 6, without the cross-entropy)
-    aux_loss = self.loss_coef * losses.load_balancing_loss(
-        router.router_probs, slots.expert_mask, nonpadding, experts_unsplit, group_dim)
+    aux_loss = self.loss_coef * balance_loss
     if self.router_z_loss_coef:
-      aux_loss += self.router_z_loss_coef * losses.router_z_loss(
-          router.router_logits, nonpadding, experts_unsplit)
+      aux_loss += self.router_z_loss_coef * z_loss
+    if self.summaries and train:
+      scope = tf.get_variable_scope().name
+      metrics.record(scope.rpartition("/")[0] or scope, router, slots,
+                     nonpadding, experts_unsplit, balance_loss, z_loss)
     if num_microbatches and num_microbatches > 1:
       aux_loss /= num_microbatches
 

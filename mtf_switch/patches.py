@@ -2,8 +2,12 @@
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
 import numpy as np
+import tensorflow.compat.v1 as tf
+from tensorflow.python.ops import gen_logging_ops  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tensorflow-import
 
 from mtf_switch import layouts
+from mtf_switch import metrics
 
 
 def _tokenize_string_features(add_pretokenized):
@@ -65,6 +69,24 @@ def _check_devices(init):
   return wrapped
 
 
+def _summaries_off_tpu(lower):
+  """mesh-tensorflow hands scalar summaries to the TPU host call, which t5_mesh_transformer
+  drops when not on TPU: there, also make the Switch summaries (metrics.py) plain TensorFlow
+  summaries, which the Estimator writes every save_summary_steps."""
+
+  def wrapped(self, lowering):
+    lower(self, lowering)
+    if (self.name.startswith(metrics.PREFIX + "/")
+        and tpu_function.get_tpu_context().number_of_shards is None):
+      value = lowering.tensors[self.outputs[0]].to_laid_out_tensor().tensor_list[0]
+      # the tag exactly (tf.summary.scalar would make the name unique in the TF graph: "_1")
+      summary = gen_logging_ops.scalar_summary(tags=self.name, values=value)
+      tf.add_to_collection(tf.GraphKeys.SUMMARIES, summary)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
 def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
@@ -74,3 +96,5 @@ def apply():
   impl = mtf.placement_mesh_impl.PlacementMeshImpl
   if not getattr(impl.__init__, "mtf_switch_patched", False):
     impl.__init__ = _check_devices(impl.__init__)
+  if not getattr(mtf.ScalarSummaryOperation.lower, "mtf_switch_patched", False):
+    mtf.ScalarSummaryOperation.lower = _summaries_off_tpu(mtf.ScalarSummaryOperation.lower)

@@ -1,0 +1,44 @@
+"""Routing metrics of a Switch layer as mesh-tensorflow scalar summaries.
+
+Names are `switch/<layer>/<metric>`, <layer> being the layer's scope without /MoE1D (e.g.
+`switch/encoder/block_001/layer_003/dropped_fraction`). t5_mesh_transformer writes them to the
+model directory through its host call when `tpu_estimator_model_fn.tpu_summaries = True` (on CPU,
+GPU and TPU alike; gin/runs/pretrain_c4.gin sets it). Over R routing requests (one per used
+choice of a real token; one per token with no-token-left-behind):
+
+  expert_fraction/<i>  requests served by expert i / R
+  dropped_fraction     requests that found no slot / R  (sum_i expert_fraction_i = 1 - this)
+  router_entropy       mean over real tokens of -sum_i p_i(x) log p_i(x)
+  top1_gate            mean over real tokens of the first choice's gate
+  balance_loss         L_B = E sum_i f_i P_i (before c_B)
+  z_loss               L_z = mean logsumexp(h(x))^2 (before c_z)
+"""
+import mesh_tensorflow as mtf
+import tensorflow.compat.v1 as tf
+
+PREFIX = "switch"
+NAMES = ("expert_fraction", "dropped_fraction", "router_entropy", "top1_gate", "balance_loss",
+         "z_loss")
+
+
+def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
+  """Adds the summaries of one layer (scope name `layer`) to the mesh-tensorflow graph."""
+  requests = mtf.reduce_sum(slots.requests)
+  served = mtf.reduce_sum(mtf.add_n([r.kept for r in slots.rounds]),
+                          output_shape=mtf.Shape([experts_dim])) / mtf.maximum(requests, 1.0)
+  tokens = mtf.maximum(mtf.reduce_sum(nonpadding), 1.0)
+  probs = router.router_probs
+  entropy = -mtf.reduce_sum(probs * mtf.log(probs + 1e-9), reduced_dim=experts_dim)
+  values = {
+      "dropped_fraction": 1.0 - mtf.reduce_sum(served),
+      "router_entropy": mtf.reduce_sum(entropy * nonpadding) / tokens,
+      "top1_gate": mtf.reduce_sum(router.choices[0].gate * nonpadding) / tokens,
+      "balance_loss": balance_loss,
+      "z_loss": z_loss,
+  }
+  for i, fraction in enumerate(mtf.split(served, experts_dim, experts_dim.size)):
+    values["expert_fraction/%d" % i] = mtf.reduce_sum(fraction)
+  # An empty variable scope, so that the names do not depend on where the layer is built.
+  with tf.variable_scope(tf.VariableScope(tf.AUTO_REUSE, name=""), auxiliary_name_scope=False):
+    for name, value in values.items():
+      mtf.scalar_summary("%s/%s/%s" % (PREFIX, layer, name), mtf.to_float(value))
