@@ -14,6 +14,7 @@ _mtf_switch_compat.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import gin
 
+from mtf_switch import attention
 from mtf_switch import layers
 from mtf_switch import patches
 from mtf_switch.layers import SwitchFFN

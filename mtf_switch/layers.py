@@ -120,6 +120,14 @@ class SwitchFFN(transformer.TransformerLayer):
     self.dispatch = dispatch
     self.summaries = summaries
 
+  # Whether the experts have a ragged implementation (experts.ragged_expert_ffn).
+  RAGGED = True
+
+  def _experts(self, expert_inputs, experts_dim, hidden_dim, output_dim, ffn_args):
+    """The experts over capacity slots [O, E, G, C, M] -> [O, E, G, C, output_dim]."""
+    return experts.expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim, *ffn_args,
+                              multiplicative_bias=self.multiplicative_bias)
+
   def call(self, context, x):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
     if context.model.ensemble_dim:
@@ -211,7 +219,7 @@ class SwitchFFN(transformer.TransformerLayer):
     ffn_args = (self.activation, self.expert_dropout_rate, train, variable_dtype, init)
     experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
                         for d in (experts_dim, hidden_dim))
-    implementation = dispatch_lib.choose(self.dispatch, experts_split)
+    implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
     if implementation == "ragged":
       choices_dim = mtf.Dimension("choices", len(slots.rounds))
       expert, gate = dispatch_lib.kept_experts(slots, experts_unsplit, choices_dim)
@@ -234,8 +242,7 @@ class SwitchFFN(transformer.TransformerLayer):
     # The d_model_split step keeps the transfer cheap under model parallelism, as in MoE1D.
     expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
                                              capacity_dim], model_dim)
-    expert_outputs = experts.expert_ffn(expert_inputs, experts_dim, hidden_dim, output_dim,
-                                        *ffn_args, multiplicative_bias=self.multiplicative_bias)
+    expert_outputs = self._experts(expert_inputs, experts_dim, hidden_dim, output_dim, ffn_args)
     # Split over experts -> split over groups (the return all-to-all).
     expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
                                                capacity_dim], output_dim)
