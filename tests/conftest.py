@@ -21,18 +21,19 @@ def clean_gin():
 
 
 def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
-               num_devices=1, dtype=tf.float32, seed=0, grads=False):
+               num_devices=1, dtype=tf.float32, seed=0, grads=False, summaries=False):
   """Runs `layer.apply` on x [(outer_batch,) batch, length, d_model]; returns outputs, aux loss
   and the layer's variables by short name (switch_gating, wi..., wo), all as numpy. With
   grads=True also a dict of the gradients of sum(y * r) + loss (r fixed random) with respect to
-  each variable and to x ("x"), and the number of all-to-alls the lowering performed."""
+  each variable and to x ("x"), and the number of all-to-alls the lowering performed. With
+  summaries=True also a dict of the scalar summaries (metrics.py) by name."""
   with tf.Graph().as_default():
     return _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed,
-                       grads)
+                       grads, summaries)
 
 
 def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dtype, seed,
-                grads):
+                grads, summaries):
   tf.set_random_seed(seed)
   graph = mtf.Graph()
   mesh = mtf.Mesh(graph, "mesh")
@@ -68,13 +69,17 @@ def _run_switch(layer, x, nonpadding, train, mesh_shape, layout, num_devices, dt
   if grads:
     fetches.append({k: tf.cast(lowering.export_to_tf_tensor(g), tf.float32)
                     for k, g in zip(grad_of, grad_list)})
+  if summaries:
+    fetches.append(dict(tf.get_collection(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY)))
   config = tf.ConfigProto(device_count={"CPU": num_devices})
   with tf.Session(config=config) as sess:
     sess.run(tf.global_variables_initializer())
     sess.run(lowering.copy_masters_to_slices())
     out = sess.run(fetches)
   out[1] = float(out[1])
-  return tuple(out) + ((len(alltoalls),) if grads else ())
+  if grads:
+    out.insert(4, len(alltoalls))
+  return tuple(out)
 
 
 @pytest.fixture

@@ -215,3 +215,20 @@ def test_sparse_block_layers(decoder, every, extra, expected):
 def test_sparse_block_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     stacks.sparse_block(**kw)
+
+
+@pytest.mark.parametrize("variant", ["top1", "top2_threshold", "ntlb"])
+def test_summaries_count_dropped_requests(variant):
+  x, pad = _data(6)
+  layer = layers.SwitchFFN(**BASE, **VARIANTS[variant])
+  _, _, w, values = run_switch(layer, x, pad, train=True, summaries=True)
+  _, _, dropped = switch_reference(x, pad, w, num_groups=4, capacity=2, loss_coef=1e-2,
+                                   **_reference_args(variant))
+  fractions = [values["switch/MoE1D/expert_fraction/%d" % i] for i in range(4)]
+  np.testing.assert_allclose(sum(fractions), 1.0 - values["switch/MoE1D/dropped_fraction"],
+                             atol=1e-6)
+  if variant != "top2_threshold":  # one request per real token
+    np.testing.assert_allclose(values["switch/MoE1D/dropped_fraction"], dropped / pad.sum(),
+                               atol=1e-6)
+  assert 0.0 < values["switch/MoE1D/router_entropy"] <= np.log(4)
+  assert set(values) >= {"switch/MoE1D/%s" % n for n in ("balance_loss", "z_loss", "top1_gate")}
