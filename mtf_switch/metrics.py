@@ -8,6 +8,8 @@ choice of a real token; one per token with no-token-left-behind):
 
   expert_fraction/<i>  requests served by expert i / R
   dropped_fraction     requests that found no slot / R  (sum_i expert_fraction_i = 1 - this)
+  unrouted_fraction    real tokens that got no expert at all / real tokens (= dropped_fraction
+                       for top-1; with top-2, a token whose second choice is dropped is routed)
   router_entropy       mean over real tokens of -sum_i p_i(x) log p_i(x)
   top1_gate            mean over real tokens of the first choice's gate
   balance_loss         L_B = E sum_i f_i P_i (before c_B)
@@ -17,8 +19,8 @@ import mesh_tensorflow as mtf
 import tensorflow.compat.v1 as tf
 
 PREFIX = "switch"
-NAMES = ("expert_fraction", "dropped_fraction", "router_entropy", "top1_gate", "balance_loss",
-         "z_loss")
+NAMES = ("expert_fraction", "dropped_fraction", "unrouted_fraction", "router_entropy",
+         "top1_gate", "balance_loss", "z_loss")
 
 
 def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
@@ -29,8 +31,11 @@ def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
   tokens = mtf.maximum(mtf.reduce_sum(nonpadding), 1.0)
   probs = router.router_probs
   entropy = -mtf.reduce_sum(probs * mtf.log(probs + 1e-9), reduced_dim=experts_dim)
+  routed = mtf.minimum(mtf.add_n([mtf.reduce_sum(r.kept, reduced_dim=experts_dim)
+                                  for r in slots.rounds]), 1.0)
   values = {
       "dropped_fraction": 1.0 - mtf.reduce_sum(served),
+      "unrouted_fraction": 1.0 - mtf.reduce_sum(routed * nonpadding) / tokens,
       "router_entropy": mtf.reduce_sum(entropy * nonpadding) / tokens,
       "top1_gate": mtf.reduce_sum(router.choices[0].gate * nonpadding) / tokens,
       "balance_loss": balance_loss,

@@ -227,8 +227,12 @@ def test_summaries_count_dropped_requests(variant):
   fractions = [values["switch/MoE1D/expert_fraction/%d" % i] for i in range(4)]
   np.testing.assert_allclose(sum(fractions), 1.0 - values["switch/MoE1D/dropped_fraction"],
                              atol=1e-6)
+  np.testing.assert_allclose(values["switch/MoE1D/unrouted_fraction"], dropped / pad.sum(),
+                             atol=1e-6)
   if variant != "top2_threshold":  # one request per real token
     np.testing.assert_allclose(values["switch/MoE1D/dropped_fraction"], dropped / pad.sum(),
                                atol=1e-6)
+  else:
+    assert values["switch/MoE1D/dropped_fraction"] > values["switch/MoE1D/unrouted_fraction"]
   assert 0.0 < values["switch/MoE1D/router_entropy"] <= np.log(4)
   assert set(values) >= {"switch/MoE1D/%s" % n for n in ("balance_loss", "z_loss", "top1_gate")}
