@@ -15,6 +15,8 @@ _mtf_switch_compat.install()
 import gin
 
 from mtf_switch import attention
+from mtf_switch import distill
+from mtf_switch import finetune
 from mtf_switch import layers
 from mtf_switch import patches
 from mtf_switch.layers import SwitchFFN

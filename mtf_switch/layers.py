@@ -17,6 +17,12 @@ CHECKPOINT_SCOPE = "MoE1D"
 EXPERTS_PER_TOKEN = "mtf_switch_experts_per_token"
 
 
+def is_switch_variable(name):
+  """Whether a variable (or checkpoint entry) belongs to a Switch layer - its router, experts or
+  multiplicative bias, everything under `.../MoE1D/` - as opposed to the dense ("non-MoE") rest."""
+  return CHECKPOINT_SCOPE in name.split("/")[:-1]
+
+
 @gin.configurable
 class SwitchFFN(transformer.TransformerLayer):
   """Switch feed-forward layer: y = sum_{i in top-k} g_i(x) E_i(x) (Switch paper Eq. 2; k = 1

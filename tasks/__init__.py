@@ -1,5 +1,7 @@
 """seqio tasks of mtf-switch. Importing this module registers DEFAULT_TASK.
 
+`mtf_switch_last_word` (last_word.py): a text-to-text fine-tuning task over the same corpus.
+
 `mtf_switch_span_corruption`: T5's span-corruption pretraining objective (noise density 0.15,
 mean span length 3) over the configured corpus (see corpus.py: CPython's own documentation by
 default, or the files of the gin parameter `mtf_switch.tasks.text_files.paths`), with a
@@ -46,4 +48,7 @@ seqio.TaskRegistry.add(
     ],
     output_features=OUTPUT_FEATURES,
     metric_fns=[])
+from . import last_word  # noqa: E402
 from . import paper  # noqa: E402,F401  (registers the paper's pretraining and Table 5 tasks)
+
+last_word.register(OUTPUT_FEATURES)
