@@ -39,6 +39,7 @@ INSTALL_REQUIRES = [
     "torch==2.13.0",  # t5.models imports torch; 2.13.0 is a local CPU build.
     "gin-config==0.5.0",
     "numpy==1.26.4",
+    "matplotlib==3.8.4",  # benchmark plots and the routing report (mtf_switch.report)
 ]
 
 setuptools.setup(
