@@ -192,7 +192,7 @@ def model_variables(vocab_size, length=8):
     graph = mtf.Graph()
     mesh = mtf.Mesh(graph, "mesh")
     model = transformer.make_bitransformer(
-        input_vocab_size=vocab_size, output_vocab_size=vocab_size,
+        input_vocab_size=vocab_size, output_vocab_size=vocab_size, layout="", mesh_shape="",
         bitransformer_cls=transformer.Bitransformer)
     ids = mtf.ones(mesh, mtf.Shape([mtf.Dimension("batch", 1), mtf.Dimension("length", length)]),
                    tf.int32)
@@ -239,6 +239,17 @@ def init_student(teacher_model_dir, model_dir, teacher_checkpoint_step=-1):
   return copy
 
 
+def parse_gin(gin_files, gin_params=()):
+  """Parses gin files and bindings as t5_mesh_transformer does: mesh-tensorflow's defaults first,
+  with t5's and mtf_switch's gin folders on the search path (models/t5.1.1.base.gin, ...)."""
+  import mtf_switch  # pylint: disable=g-import-not-at-top,unused-import  (gin search paths)
+  t5_dir, = importlib.util.find_spec("t5").submodule_search_locations
+  gin.add_config_file_search_path(os.path.join(t5_dir, "models", "gin"))
+  defaults = os.path.join(os.path.dirname(mtf_utils.__file__), mtf_utils._DEFAULT_CONFIG_FILE)  # pylint: disable=protected-access
+  gin.parse_config_files_and_bindings([defaults] + list(gin_files), list(gin_params),
+                                      finalize_config=False)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--teacher_model_dir", required=True)
@@ -248,13 +259,7 @@ def main(argv=None):
                       help="the student model, e.g. gin/models/t5_tiny.gin (repeatable)")
   parser.add_argument("--gin_param", action="append", default=[])
   args = parser.parse_args(argv)
-  import mtf_switch  # pylint: disable=g-import-not-at-top,unused-import  (gin search paths)
-  # as t5_mesh_transformer: mesh-tensorflow's defaults, t5's models/t5.1.1.base.gin, ...
-  t5_dir, = importlib.util.find_spec("t5").submodule_search_locations
-  gin.add_config_file_search_path(os.path.join(t5_dir, "models", "gin"))
-  defaults = os.path.join(os.path.dirname(mtf_utils.__file__), mtf_utils._DEFAULT_CONFIG_FILE)  # pylint: disable=protected-access
-  gin.parse_config_files_and_bindings([defaults] + args.gin_file, args.gin_param,
-                                      skip_unknown=True)
+  parse_gin(args.gin_file, args.gin_param)
   copy = init_student(args.teacher_model_dir, args.model_dir, args.teacher_checkpoint_step)
   print("wrote %s: %d variables copied from the teacher; see init_variables.txt"
         % (os.path.join(args.model_dir, "model.ckpt-0"), len(copy)))

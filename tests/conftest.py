@@ -10,6 +10,16 @@ import tensorflow.compat.v1 as tf
 tf.disable_v2_behavior()
 
 
+@pytest.fixture(scope="session")
+def pretrained_switch(tmp_path_factory):
+  """(environment, model_dir, final loss): a 2-layer switch_tiny pretrained for 40 steps on the
+  default corpus through t5_mesh_transformer, shared by the end-to-end tests."""
+  import binary  # pylint: disable=g-import-not-at-top
+  env = binary.environment(tmp_path_factory.mktemp("cache"))
+  model_dir = tmp_path_factory.mktemp("pretrained") / "switch"
+  return env, model_dir, binary.train(env, model_dir, binary.SWITCH_GIN, 40, *binary.SMALL)
+
+
 @pytest.fixture(autouse=True)
 def clean_gin():
   """No gin binding leaks from one test into another (e.g. a model file's SwitchFFN.*)."""
