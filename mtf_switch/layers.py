@@ -73,9 +73,9 @@ class SwitchFFN(transformer.TransformerLayer):
       "ragged" (each token times its own expert's weights; no capacity slack computed; experts
       not split over the mesh) or "auto" (einsum on TPU, else ragged where the layout allows,
       else gather). Default "auto".
-    summaries: record the layer's routing metrics during training as scalar summaries
-      (metrics.py: expert fractions, dropped fraction, router entropy, top-1 gate, balance and
-      z-loss). Default True.
+    summaries: record the layer's routing metrics in training and evaluation (not when
+      decoding or scoring) as scalar summaries (metrics.py: expert fractions, dropped fraction,
+      router entropy, top-1 gate, balance and z-loss). Default True.
   """
 
   def __init__(self, num_experts=8, hidden_size=1024, activation=("gelu", "linear"),
@@ -147,20 +147,22 @@ class SwitchFFN(transformer.TransformerLayer):
         x, context.model.model_dim, train=context.train,
         variable_dtype=context.variable_dtype, layout=context.model.layout,
         mesh_shape=context.model.mesh_shape, nonpadding=context.nonpadding,
-        num_microbatches=context.num_microbatches)
+        num_microbatches=context.num_microbatches,
+        summaries=context.mode in (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL))
     if context.losses is not None:
       context.losses.append(aux_loss)
     return y
 
   def apply(self, x, output_dim, train, variable_dtype, layout="", mesh_shape="",
-            nonpadding=None, num_microbatches=None):
-    """The layer as a function: returns (y, c_B L_B + c_z L_z in x.dtype)."""
+            nonpadding=None, num_microbatches=None, summaries=None):
+    """The layer as a function: returns (y, c_B L_B + c_z L_z in x.dtype). With
+    `self.summaries`, records the routing summaries if `summaries` (default: if training)."""
     with _checkpoint_scope(type(self).__name__):
       return self._apply(x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
-                         num_microbatches)
+                         num_microbatches, train if summaries is None else summaries)
 
   def _apply(self, x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
-             num_microbatches):
+             num_microbatches, summaries):
     orig_dims = x.shape.dims[:-1]
     model_dim = x.shape.dims[-1]
     if orig_dims[0].name == "outer_batch":  # Expert replication (mesh-tensorflow convention).
@@ -214,7 +216,7 @@ class SwitchFFN(transformer.TransformerLayer):
     aux_loss = self.loss_coef * balance_loss
     if self.router_z_loss_coef:
       aux_loss += self.router_z_loss_coef * z_loss
-    if self.summaries and train:
+    if self.summaries and summaries:
       scope = tf.get_variable_scope().name
       metrics.record(scope.rpartition("/")[0] or scope, router, slots,
                      nonpadding, experts_unsplit, balance_loss, z_loss)

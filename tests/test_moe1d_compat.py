@@ -22,6 +22,7 @@ def _context(length, model_dim, nonpadding, train):
                                 mesh_shape="")
   return types.SimpleNamespace(
       model=model, train=train, length_dim=length, nonpadding=nonpadding, losses=[],
+      mode=tf.estimator.ModeKeys.TRAIN if train else tf.estimator.ModeKeys.EVAL,
       variable_dtype=mtf.VariableDType(tf.float32, tf.float32, tf.float32),
       num_microbatches=None, input_embeddings=None)
 
