@@ -148,7 +148,7 @@ def _segments(ids, num_experts):
 
 
 def _with_zero_row(rows):
-  return tf.concat([rows, tf.zeros_like(rows[:1])], 0)
+  return tf.pad(rows, [[0, 1], [0, 0]])  # also when rows is empty (every token dropped)
 
 
 def _tf_activation(name):

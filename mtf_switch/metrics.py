@@ -1,10 +1,13 @@
 """Routing metrics of a Switch layer as mesh-tensorflow scalar summaries.
 
 Names are `switch/<layer>/<metric>`, <layer> being the layer's scope without /MoE1D (e.g.
-`switch/encoder/block_001/layer_003/dropped_fraction`). t5_mesh_transformer writes them to the
-model directory through its host call when `tpu_estimator_model_fn.tpu_summaries = True` (on CPU,
-GPU and TPU alike; gin/runs/pretrain_c4.gin sets it). Over R routing requests (one per used
-choice of a real token; one per token with no-token-left-behind):
+`switch/encoder/block_001/layer_003/dropped_fraction`). In training, t5_mesh_transformer writes
+them to the model directory with the first step and then every 100 steps: through the TPU host
+call with `tpu_estimator_model_fn.tpu_summaries = True` (gin/runs/pretrain_c4.gin), as plain TF
+summaries off TPU (patches.py). In evaluation (perplexity_eval) they are evaluation metrics,
+means over the eval batches weighted by each batch's tokens, in the eval directory's events
+(patches.py). Over R routing
+requests (one per used choice of a real token; one per token with no-token-left-behind):
 
   expert_fraction/<i>  requests served by expert i / R
   dropped_fraction     requests that found no slot / R  (sum_i expert_fraction_i = 1 - this)
@@ -14,13 +17,17 @@ choice of a real token; one per token with no-token-left-behind):
   top1_gate            mean over real tokens of the first choice's gate
   balance_loss         L_B = E sum_i f_i P_i (before c_B)
   z_loss               L_z = mean logsumexp(h(x))^2 (before c_z)
+  tokens               real tokens in the batch (an evaluation weights each batch by it)
 """
+import weakref
+
 import mesh_tensorflow as mtf
 import tensorflow.compat.v1 as tf
 
 PREFIX = "switch"
+_LOWERED = weakref.WeakKeyDictionary()  # tf.Graph -> {tag: TF scalar} of the lowered summaries
 NAMES = ("expert_fraction", "dropped_fraction", "unrouted_fraction", "router_entropy",
-         "top1_gate", "balance_loss", "z_loss")
+         "top1_gate", "balance_loss", "z_loss", "tokens")
 
 
 def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
@@ -28,7 +35,8 @@ def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
   requests = mtf.reduce_sum(slots.requests)
   served = mtf.reduce_sum(mtf.add_n([r.kept for r in slots.rounds]),
                           output_shape=mtf.Shape([experts_dim])) / mtf.maximum(requests, 1.0)
-  tokens = mtf.maximum(mtf.reduce_sum(nonpadding), 1.0)
+  num_tokens = mtf.reduce_sum(nonpadding)
+  tokens = mtf.maximum(num_tokens, 1.0)
   probs = router.router_probs
   entropy = -mtf.reduce_sum(probs * mtf.log(probs + 1e-9), reduced_dim=experts_dim)
   routed = mtf.minimum(mtf.add_n([mtf.reduce_sum(r.kept, reduced_dim=experts_dim)
@@ -40,6 +48,7 @@ def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
       "top1_gate": mtf.reduce_sum(router.choices[0].gate * nonpadding) / tokens,
       "balance_loss": balance_loss,
       "z_loss": z_loss,
+      "tokens": num_tokens,
   }
   for i, fraction in enumerate(mtf.split(served, experts_dim, experts_dim.size)):
     values["expert_fraction/%d" % i] = mtf.reduce_sum(fraction)
@@ -47,3 +56,13 @@ def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
   with tf.variable_scope(tf.VariableScope(tf.AUTO_REUSE, name=""), auxiliary_name_scope=False):
     for name, value in values.items():
       mtf.scalar_summary("%s/%s/%s" % (PREFIX, layer, name), mtf.to_float(value))
+
+
+def lowered(tag, value):
+  """Notes the TF value of a summary lowered into the default graph (for evaluation metrics)."""
+  _LOWERED.setdefault(tf.get_default_graph(), {})[tag] = value
+
+
+def lowered_values(graph):
+  """{tag: TF scalar} of the Switch summaries lowered into `graph`."""
+  return dict(_LOWERED.get(graph, {}))

@@ -1,4 +1,9 @@
 """Work-arounds for upstream bugs, applied when `mtf_switch` is imported."""
+import os
+import sys
+
+from absl import flags
+import gin
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
 import numpy as np
@@ -30,6 +35,42 @@ def _tokenize_string_features(add_pretokenized):
 
   wrapped.mtf_switch_patched = True
   return wrapped
+
+
+def _decode_to_text(decode):
+  """With a vocabulary that detokenizes in the graph (seqio's `decode_tf`, off TPU), `decode`
+  yields bytes, which `--mode=predict` (decode_from_file) writes as Python literals, b'...' with
+  escapes, where an exported model (`--mode=export_predict`) answers the UTF-8 text. Yield text."""
+
+  def wrapped(*args, **kwargs):
+    for output in decode(*args, **kwargs):
+      yield tf.compat.as_text(output)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+def _trim_to_request(make_model_fn):
+  """An exported scoring model (`--mode=export_score`) answers a request of n < batch_size
+  examples with batch_size scores and targets, the padding rows' included (0 and ""): upstream
+  trims only the predictions of `--mode=export_predict` to the request's size. Trim all."""
+
+  def make(*args, **kwargs):
+    model_fn = make_model_fn(*args, **kwargs)
+
+    def wrapped(features, labels, mode, params=None, config=None):  # the arguments estimators pass
+      size = features.get("predict_batch_size")  # set by export_model's serving_input_fn only
+      spec = model_fn(features, labels, mode, params, config)
+      if size is None:
+        return spec
+      # export_outputs=None: made again from the trimmed predictions, as when the spec is made
+      return spec._replace(predictions={k: v[:size] for k, v in spec.predictions.items()},
+                           export_outputs=None)
+
+    return wrapped
+
+  make.mtf_switch_patched = True
+  return make
 
 
 def _explain_undivided_layout(slice_shape):
@@ -69,19 +110,106 @@ def _check_devices(init):
   return wrapped
 
 
-def _summaries_off_tpu(lower):
+def _switch_summaries(lower):
   """mesh-tensorflow hands scalar summaries to the TPU host call, which t5_mesh_transformer
   drops when not on TPU: there, also make the Switch summaries (metrics.py) plain TensorFlow
-  summaries, which the Estimator writes every save_summary_steps."""
+  summaries, which the Estimator writes every save_summary_steps. Everywhere, note their TF
+  values for the evaluation metrics (_switch_eval_metrics)."""
 
   def wrapped(self, lowering):
     lower(self, lowering)
-    if (self.name.startswith(metrics.PREFIX + "/")
-        and tpu_function.get_tpu_context().number_of_shards is None):
-      value = lowering.tensors[self.outputs[0]].to_laid_out_tensor().tensor_list[0]
+    if not self.name.startswith(metrics.PREFIX + "/"):
+      return
+    value = lowering.tensors[self.outputs[0]].to_laid_out_tensor().tensor_list[0]
+    metrics.lowered(self.name, value)
+    if tpu_function.get_tpu_context().number_of_shards is None:
       # the tag exactly (tf.summary.scalar would make the name unique in the TF graph: "_1")
       summary = gen_logging_ops.scalar_summary(tags=self.name, values=value)
       tf.add_to_collection(tf.GraphKeys.SUMMARIES, summary)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+def _switch_eval_metrics(make_model_fn):
+  """An evaluation (utils.run's perplexity_eval / eval) writes only its metrics: add every
+  Switch summary of the graph as a metric to mesh-tensorflow's teacher-forced ones
+  (neg_log_perplexity, ...): its mean over the eval batches, weighted by the batch's real
+  tokens at that layer (padding batches count for nothing); `tokens` itself is summed."""
+
+  def make(*args, **kwargs):
+    model_fn = make_model_fn(*args, **kwargs)
+
+    def wrapped(features, labels, mode, params=None, config=None):  # the arguments estimators pass
+      spec = model_fn(features, labels, mode, params, config)
+      values = metrics.lowered_values(tf.get_default_graph())
+      if mode != tf.estimator.ModeKeys.EVAL or not values or spec.eval_metrics is None:
+        return spec
+      metric_fn, tensors = spec.eval_metrics
+      tags = sorted(values)
+
+      def with_switch(*args):
+        results = metric_fn(*args[:len(tensors)])
+        switch = dict(zip(tags, args[len(tensors):]))
+        for tag, value in switch.items():
+          tokens = switch[tag.rsplit("/", 2)[0] + "/tokens"] if "/expert_fraction/" in tag \
+              else switch[tag.rsplit("/", 1)[0] + "/tokens"]
+          results[tag] = (mtf_utils.metric_sum(value) if tag.endswith("/tokens")
+                          else tf.metrics.mean(value, tokens))
+        return results
+
+      # a new spec: TPUEstimatorSpec.__new__ records the eval metrics (_replace would not)
+      return type(spec)(**dict(spec._asdict(), eval_metrics=(with_switch, list(tensors) + [
+          tf.reshape(values[tag], [1]) for tag in tags])))
+
+    return wrapped
+
+  make.mtf_switch_patched = True
+  return make
+
+
+def _finetune_from_the_binary(mtf_model, finetune):
+  """`t5_mesh_transformer --use_model_api --mode=finetune` fails twice upstream (t5 0.9.4): the
+  binary passes `steps=` and `checkpoint_steps=`, which MtfModel.finetune names `finetune_steps`
+  and `pretrained_checkpoint_step` (TypeError); and finetune parses the pretrained model's
+  operative config after the command line's gin, so a fine-tuning recipe (dropout, capacity
+  factors, ...) is silently replaced by the pretraining values. Accept both names and parse the
+  command line's --gin_file/--gin_param again on top of the operative config. (Applied when
+  t5.models is already imported, as in the binary: importing it costs seconds.)"""
+
+  def wrapped(self, mixture_or_task_name, finetune_steps=None, pretrained_model_dir=None,
+              pretrained_checkpoint_step=-1, split="train", steps=None, checkpoint_steps=None):
+    finetune_steps = steps if finetune_steps is None else finetune_steps
+    if checkpoint_steps is not None:
+      pretrained_checkpoint_step = checkpoint_steps
+    parse_operative_config = mtf_model._parse_operative_config  # pylint: disable=protected-access
+
+    def then_command_line(model_dir):
+      parse_operative_config(model_dir)
+      if flags.FLAGS.is_parsed():
+        with gin.unlock_config():
+          gin.parse_config_files_and_bindings(
+              flags.FLAGS.gin_file, flags.FLAGS.gin_param,
+              skip_unknown=sys.modules["t5.models.mesh_transformer"].DEPRECATED_GIN_REFERENCES)
+
+    mtf_model._parse_operative_config = then_command_line  # pylint: disable=protected-access
+    try:
+      return finetune(self, mixture_or_task_name, finetune_steps, pretrained_model_dir,
+                      pretrained_checkpoint_step, split)
+    finally:
+      mtf_model._parse_operative_config = parse_operative_config  # pylint: disable=protected-access
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+def _makedirs_first(write_lines_to_file):
+  """`--use_model_api --mode=eval` writes the task's targets into the eval summary directory
+  before anything creates it (fine on GCS, NotFoundError on a local disk): create it first."""
+
+  def wrapped(lines, filename):
+    tf.io.gfile.makedirs(os.path.dirname(filename))
+    return write_lines_to_file(lines, filename)
 
   wrapped.mtf_switch_patched = True
   return wrapped
@@ -91,10 +219,21 @@ def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
     mtf_utils._maybe_add_pretokenized_features = _tokenize_string_features(fn)  # pylint: disable=protected-access
+  if not getattr(mtf_utils.decode, "mtf_switch_patched", False):
+    mtf_utils.decode = _decode_to_text(mtf_utils.decode)
+  if not getattr(mtf_utils.tpu_estimator_model_fn, "mtf_switch_patched", False):
+    mtf_utils.tpu_estimator_model_fn = _switch_eval_metrics(
+        _trim_to_request(mtf_utils.tpu_estimator_model_fn))
   if not getattr(mtf.MeshImpl.slice_shape, "mtf_switch_patched", False):
     mtf.MeshImpl.slice_shape = _explain_undivided_layout(mtf.MeshImpl.slice_shape)
   impl = mtf.placement_mesh_impl.PlacementMeshImpl
   if not getattr(impl.__init__, "mtf_switch_patched", False):
     impl.__init__ = _check_devices(impl.__init__)
+  mtf_model = sys.modules.get("t5.models.mtf_model")
+  if mtf_model and not getattr(mtf_model.MtfModel.finetune, "mtf_switch_patched", False):
+    mtf_model.MtfModel.finetune = _finetune_from_the_binary(mtf_model, mtf_model.MtfModel.finetune)
+  t5_utils = sys.modules.get("t5.models.utils")
+  if t5_utils and not getattr(t5_utils.write_lines_to_file, "mtf_switch_patched", False):
+    t5_utils.write_lines_to_file = _makedirs_first(t5_utils.write_lines_to_file)
   if not getattr(mtf.ScalarSummaryOperation.lower, "mtf_switch_patched", False):
-    mtf.ScalarSummaryOperation.lower = _summaries_off_tpu(mtf.ScalarSummaryOperation.lower)
+    mtf.ScalarSummaryOperation.lower = _switch_summaries(mtf.ScalarSummaryOperation.lower)

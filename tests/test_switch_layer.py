@@ -39,6 +39,14 @@ def test_matches_numpy_reference_with_padding(rng, activation, train):
   assert (dropped > 0) if train else (dropped == 0)  # C = 2 overflows; C = 4 does not
 
 
+@pytest.mark.parametrize("dispatch_name", ["einsum", "gather", "ragged"])
+def test_a_batch_of_padding_only(rng, dispatch_name):
+  """Evaluation pads its last batch with empty examples: no token reaches an expert."""
+  x = rng.randn(2, 8, 12).astype(np.float32)
+  y, loss, _ = run_switch(_layer(dispatch=dispatch_name), x, np.zeros((2, 8), np.float32))
+  assert np.all(y == 0.0) and loss == 0.0
+
+
 def test_nonpadding_one_means_no_padding(rng):
   x = rng.randn(2, 8, 12).astype(np.float32)
   y_none, loss_none, _ = run_switch(_layer(), x, None)
