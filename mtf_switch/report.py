@@ -33,7 +33,9 @@ The max imbalance of a layer is max_i f_i / mean_i f_i, where mean_i f_i = (1 - 
 t5_mesh_transformer writes these summaries while training (SwitchFFN.summaries = True, the
 default), with the first step and then every 100 steps (the estimator's save_summary_steps;
 the step recorded is the global step read in that run: 1, then 100 or 101, ...): as scalar
-summaries off TPU, as tensor summaries through the TPU host call; both are read.
+summaries off TPU, as tensor summaries through the TPU host call; both are read. An evaluation
+(perplexity_eval) writes them, averaged over its batches, with `tokens` (real tokens per layer),
+into its eval directory: read it with --events_subdir.
 """
 import argparse
 import glob
