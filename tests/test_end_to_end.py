@@ -60,9 +60,9 @@ def test_trains_switch_tiny_loss_falls_and_checkpoints(pretrained_switch):
 
 def test_moe1d_checkpoint_scores_identically_under_switch_ffn(env, tmp_path):
   model_dir = tmp_path / "moe1d"
-  binary.train(env, model_dir, MOE1D_GIN, 10)
-  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path)
-  by_switch = score(env, model_dir, SWITCH_GIN, tmp_path)
+  binary.train(env, model_dir, MOE1D_GIN, 10, *binary.SMALL)
+  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *binary.SMALL)
+  by_switch = score(env, model_dir, SWITCH_GIN, tmp_path, *binary.SMALL)
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
   np.testing.assert_allclose(by_switch, by_moe1d, rtol=1e-5)  # float32 rounding (dispatch)
 
@@ -80,7 +80,7 @@ def test_trains_over_a_multi_device_layout(env, tmp_path, layout, mesh):
   """4 logical CPU devices: experts over `batch` (all-to-all dispatch) plus model parallelism.
   (Expert replication is covered at layer level in test_distributed.py.)"""
   model_dir = tmp_path / layout
-  final_loss = binary.train(env, model_dir, SWITCH_GIN, 4,
+  final_loss = binary.train(env, model_dir, SWITCH_GIN, 4, *binary.SMALL,
                             flags=["--gin_file=gin/layouts/%s.gin" % layout])
   assert np.isfinite(final_loss)
   with open(os.path.join(str(model_dir), "operative_config.gin")) as f:
