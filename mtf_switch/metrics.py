@@ -19,6 +19,7 @@ requests (one per used choice of a real token; one per token with no-token-left-
   z_loss               L_z = mean logsumexp(h(x))^2 (before c_z)
   tokens               real tokens in the batch (an evaluation weights each batch by it)
 """
+import re
 import weakref
 
 import mesh_tensorflow as mtf
@@ -28,6 +29,15 @@ PREFIX = "switch"
 _LOWERED = weakref.WeakKeyDictionary()  # tf.Graph -> {tag: TF scalar} of the lowered summaries
 NAMES = ("expert_fraction", "dropped_fraction", "unrouted_fraction", "router_entropy",
          "top1_gate", "balance_loss", "z_loss", "tokens")
+_TAG = re.compile(r"^%s/(.+)/(expert_fraction/\d+|%s)$" % (
+    PREFIX, "|".join(n for n in NAMES if n != "expert_fraction")))
+
+
+def parse(tag):
+  """(layer, metric) of a Switch summary tag, e.g. ("encoder/block_000/layer_003",
+  "expert_fraction/7"); None for any other tag."""
+  match = _TAG.match(tag)
+  return match.groups() if match else None
 
 
 def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):

@@ -50,6 +50,12 @@ def _decode_to_text(decode):
   return wrapped
 
 
+def _respec(spec, **fields):
+  """`spec` (a TPUEstimatorSpec) with `fields` replaced, made by its constructor: __new__
+  records the eval metrics and host call, which namedtuple's _replace would leave stale."""
+  return type(spec)(**dict(spec._asdict(), **fields))
+
+
 def _trim_to_request(make_model_fn):
   """An exported scoring model (`--mode=export_score`) answers a request of n < batch_size
   examples with batch_size scores and targets, the padding rows' included (0 and ""): upstream
@@ -64,8 +70,8 @@ def _trim_to_request(make_model_fn):
       if size is None:
         return spec
       # export_outputs=None: made again from the trimmed predictions, as when the spec is made
-      return spec._replace(predictions={k: v[:size] for k, v in spec.predictions.items()},
-                           export_outputs=None)
+      return _respec(spec, predictions={k: v[:size] for k, v in spec.predictions.items()},
+                     export_outputs=None)
 
     return wrapped
 
@@ -152,15 +158,14 @@ def _switch_eval_metrics(make_model_fn):
         results = metric_fn(*args[:len(tensors)])
         switch = dict(zip(tags, args[len(tensors):]))
         for tag, value in switch.items():
-          tokens = switch[tag.rsplit("/", 2)[0] + "/tokens"] if "/expert_fraction/" in tag \
-              else switch[tag.rsplit("/", 1)[0] + "/tokens"]
-          results[tag] = (mtf_utils.metric_sum(value) if tag.endswith("/tokens")
+          layer, metric = metrics.parse(tag)
+          tokens = switch["%s/%s/tokens" % (metrics.PREFIX, layer)]
+          results[tag] = (mtf_utils.metric_sum(value) if metric == "tokens"
                           else tf.metrics.mean(value, tokens))
         return results
 
-      # a new spec: TPUEstimatorSpec.__new__ records the eval metrics (_replace would not)
-      return type(spec)(**dict(spec._asdict(), eval_metrics=(with_switch, list(tensors) + [
-          tf.reshape(values[tag], [1]) for tag in tags])))
+      return _respec(spec, eval_metrics=(with_switch, list(tensors) + [
+          tf.reshape(values[tag], [1]) for tag in tags]))
 
     return wrapped
 

@@ -52,8 +52,6 @@ from matplotlib.figure import Figure
 
 from mtf_switch import metrics
 
-_METRIC = re.compile(r"^%s/(.+)/(expert_fraction/\d+|%s)$" % (
-    metrics.PREFIX, "|".join(n for n in metrics.NAMES if n != "expert_fraction")))
 HOW_TO_FIX = ("train through t5_mesh_transformer --module_import=mtf_switch with "
               "SwitchFFN.summaries = True (the default; on TPU also "
               "tpu_estimator_model_fn.tpu_summaries = True, as gin/runs/pretrain_c4.gin sets); "
@@ -80,12 +78,12 @@ def read_summaries(events_dir):
     try:
       for event in tf.train.summary_iterator(path):
         for value in event.summary.value:
-          match = _METRIC.match(value.tag)
-          if not match:
+          layer_metric = metrics.parse(value.tag)
+          if not layer_metric:
             other_tags.add(value.tag)
             continue
           x = (tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value)
-          points.setdefault(match.groups(), {})[event.step] = float(x)
+          points.setdefault(layer_metric, {})[event.step] = float(x)
     except tf.errors.DataLossError:  # a file cut short (being written): keep what was read
       pass
   if not points:
