@@ -25,6 +25,21 @@ def run(env, model_dir, *flags):
   return proc
 
 
+def start(env, workdir, name, *cmd):
+  """Starts cmd in workdir (outside the repository), logging to workdir/name.log; returns the
+  process and the log's path, for finish()."""
+  log = os.path.join(workdir, name + ".log")
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT), log
+
+
+def finish(*runs):
+  """Waits for started (process, log) pairs; each must succeed."""
+  for proc, log in runs:
+    with open(log) as f:
+      assert proc.wait(timeout=900) == 0, f.read()[-5000:]
+
+
 def train(env, model_dir, model_gin, steps, *gin_params, flags=()):
   """Pretrains with gin/runs/pretrain_cpu.gin (utils.run) and returns the last step's loss."""
   gin_params = ("utils.run.train_steps=%d" % steps,

@@ -30,6 +30,13 @@ def clean_gin():
     gin.clear_config()
 
 
+def import_input(mesh, x):
+  """x [batch, length, d_model] as an mtf tensor; returns it with its three dimensions."""
+  b, l, m = x.shape
+  dims = [mtf.Dimension("batch", b), mtf.Dimension("length", l), mtf.Dimension("d_model", m)]
+  return mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape(dims)), dims
+
+
 def run_switch(layer, x, nonpadding=None, train=False, mesh_shape="", layout="",
                num_devices=1, dtype=tf.float32, seed=0, grads=False, summaries=False):
   """Runs `layer.apply` on x [(outer_batch,) batch, length, d_model]; returns outputs, aux loss

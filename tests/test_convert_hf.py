@@ -90,23 +90,17 @@ def converted(tmp_path_factory):
     model.save_pretrained(work / ("hf_" + case))
     hf[case] = model
 
-  def start(name, *cmd):
-    with open(work / (name + ".log"), "w") as log:
-      return subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT), name
-
-  def finish(*runs):
-    for proc, name in runs:
-      assert proc.wait(timeout=900) == 0, (work / (name + ".log")).read_text()[-5000:]
-
-  finish(*[start("convert_" + case, sys.executable, "-m", "mtf_switch.convert_hf",
-                 "--hf_dir=hf_" + case, "--model_dir=" + case, "--vocabulary=mtf_switch")
-           for case in CASES])
-  finish(*[start("score_" + case, sys.executable, "-c", SCORE, "--module_import=mtf_switch",
-                 "--use_model_api", "--model_dir=" + case, "--mode=score",
-                 "--input_file=inputs.txt", "--target_file=targets.txt",
-                 "--output_file=scores_" + case, "--batch_size=%d" % BATCH_SIZE,
-                 "--input_sequence_length=32", "--target_sequence_length=32")
-           for case in CASES])
+  binary.finish(*[binary.start(env, work, "convert_" + case, sys.executable, "-m",
+                               "mtf_switch.convert_hf", "--hf_dir=hf_" + case,
+                               "--model_dir=" + case, "--vocabulary=mtf_switch")
+                  for case in CASES])
+  binary.finish(*[binary.start(env, work, "score_" + case, sys.executable, "-c", SCORE,
+                               "--module_import=mtf_switch", "--use_model_api",
+                               "--model_dir=" + case, "--mode=score", "--input_file=inputs.txt",
+                               "--target_file=targets.txt", "--output_file=scores_" + case,
+                               "--batch_size=%d" % BATCH_SIZE, "--input_sequence_length=32",
+                               "--target_sequence_length=32")
+                  for case in CASES])
   # The token ids the binary scored: encode with the same (cached) vocabulary, EOS appended.
   ids = json.loads(subprocess.run(
       [sys.executable, "-c", "import json, sys, mtf_switch.tasks as t; print(json.dumps("

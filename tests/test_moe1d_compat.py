@@ -14,6 +14,8 @@ import tensorflow.compat.v1 as tf
 
 from mtf_switch import layers
 
+from conftest import import_input
+
 E, HIDDEN, GROUP = 4, 16, 8
 
 
@@ -46,10 +48,7 @@ def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum
     tf.set_random_seed(1)
     graph = mtf.Graph()
     mesh = mtf.Mesh(graph, "mesh")
-    b, l, m = x.shape
-    batch, length = mtf.Dimension("batch", b), mtf.Dimension("length", l)
-    model_dim = mtf.Dimension("d_model", m)
-    mx = mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape([batch, length, model_dim]))
+    mx, (batch, length, model_dim) = import_input(mesh, x)
     mpad = mtf.import_tf_tensor(mesh, tf.constant(pad), mtf.Shape([batch, length]))
     ctx = _context(length, model_dim, mpad, train)
     if layer_cls is moe.MoE1D:

@@ -16,14 +16,13 @@ file's final newline.) A Switch layer's output can depend on the rest of the bat
 capacity), so each path gets the same full batch.
 """
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-BINARY = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+import binary
+
 BATCH_SIZE = 4
 LONG = ("Open a file and return a stream. " * 400)[:10000]
 INPUTS = ["Return the number of items in a container.", "", LONG,
@@ -47,17 +46,9 @@ with open(answers, "w") as f:
 """
 
 
-def start(env, workdir, name, *cmd):
-  """Starts cmd in workdir (outside the repository), logging to workdir/name.log; returns the
-  process and the log's path."""
-  log = os.path.join(workdir, name + ".log")
-  with open(log, "w") as f:
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT), log
-
-
 def mtf(env, workdir, name, *flags):
   """Starts the unmodified console script."""
-  return start(env, workdir, name, BINARY, "--module_import=mtf_switch", *flags)
+  return binary.start(env, workdir, name, binary.BINARY, "--module_import=mtf_switch", *flags)
 
 
 def serve(env, workdir, name, requests):
@@ -66,13 +57,8 @@ def serve(env, workdir, name, requests):
   signature's input names and the answers to workdir/name.json."""
   saved_model, = (workdir / name).iterdir()  # <timestamp>/
   (workdir / (name + "_requests.json")).write_text(json.dumps(requests))
-  return start(env, workdir, "serve_" + name, sys.executable, "-c", SERVE, str(saved_model),
+  return binary.start(env, workdir, "serve_" + name, sys.executable, "-c", SERVE, str(saved_model),
                name + "_requests.json", name + ".json")
-
-
-def finish(*runs):
-  for proc, log in runs:
-    assert proc.wait(timeout=900) == 0, open(log).read()[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +72,14 @@ def work(pretrained_switch, tmp_path_factory):
   (work / "targets.txt").write_text("".join(s + "\n" for s in TARGETS))
   api = ["--use_model_api", model, "--batch_size=%d" % BATCH_SIZE,
          "--input_sequence_length=128", "--target_sequence_length=32"]
-  finish(mtf(env, work, "predict", "--mode=predict", "--input_file=inputs.txt",
+  binary.finish(mtf(env, work, "predict", "--mode=predict", "--input_file=inputs.txt",
              "--output_file=predictions.txt", *api),
          mtf(env, work, "score", "--mode=score", "--input_file=inputs.txt",
              "--target_file=targets.txt", "--output_file=scores", *api),
          mtf(env, work, "export_predict", "--mode=export_predict", "--export_dir=export_predict",
              *api),
          mtf(env, work, "export_score", "--mode=export_score", "--export_dir=export_score", *api))
-  finish(serve(env, work, "export_predict", [{"inputs": INPUTS}]),
+  binary.finish(serve(env, work, "export_predict", [{"inputs": INPUTS}]),
          serve(env, work, "export_score", [{"inputs": INPUTS, "targets": TARGETS},
                                            {"inputs": INPUTS[:2], "targets": TARGETS[:2]}]))
   return work

@@ -11,19 +11,18 @@ import tensorflow.compat.v1 as tf
 
 from mtf_switch import attention
 
+from conftest import import_input
+
 
 def _run(layer, x, train):
   with tf.Graph().as_default():
     tf.set_random_seed(0)
     graph = mtf.Graph()
     mesh = mtf.Mesh(graph, "mesh")
-    b, l, m = x.shape
-    batch, length = mtf.Dimension("batch", b), mtf.Dimension("length", l)
-    model_dim = mtf.Dimension("d_model", m)
-    mx = mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape([batch, length, model_dim]))
+    mx, (batch, length, model_dim) = import_input(mesh, x)
     model = types.SimpleNamespace(ensemble_dim=None, ensemble_dims=[], model_dim=model_dim,
                                   layout="", mesh_shape="", autoregressive=False,
-                                  max_length=l)
+                                  max_length=length.size)
     context = transformer.Context(
         model, mesh, [batch], length, mtf.VariableDType(tf.float32, tf.float32, tf.float32),
         mode=tf.estimator.ModeKeys.TRAIN if train else tf.estimator.ModeKeys.EVAL,
