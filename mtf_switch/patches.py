@@ -128,13 +128,22 @@ def _switch_summaries(lower):
       return
     value = lowering.tensors[self.outputs[0]].to_laid_out_tensor().tensor_list[0]
     metrics.lowered(self.name, value)
-    if tpu_function.get_tpu_context().number_of_shards is None:
+    in_loop = tf.get_default_graph()._get_control_flow_context() is not None  # pylint: disable=protected-access
+    if in_loop and not _switch_summaries.warned:  # e.g. serialised microbatches (a tf.while_loop)
+      _switch_summaries.warned = True
+      tf.logging.warning("Switch summaries are not written: the step runs in a while loop "
+                         "(num_microbatches > 1); set utils.serialize_num_microbatches."
+                         "tokens_per_microbatch_per_replica = None to get them")
+    if tpu_function.get_tpu_context().number_of_shards is None and not in_loop:
       # the tag exactly (tf.summary.scalar would make the name unique in the TF graph: "_1")
       summary = gen_logging_ops.scalar_summary(tags=self.name, values=value)
       tf.add_to_collection(tf.GraphKeys.SUMMARIES, summary)
 
   wrapped.mtf_switch_patched = True
   return wrapped
+
+
+_switch_summaries.warned = False
 
 
 def _switch_eval_metrics(make_model_fn):
@@ -220,6 +229,30 @@ def _makedirs_first(write_lines_to_file):
   return wrapped
 
 
+@gin.configurable(module="mtf_switch")
+def random_seed(seed=None):
+  """TensorFlow's graph-level random seed for every estimator the binary builds (initialisation,
+  router jitter, dropout); None (default) leaves it unset, i.e. different in every run. The data
+  order and span-corruption noise have their own seeds: `mesh_train_dataset_fn.seed` and
+  `mesh_eval_dataset_fn.seed` (gin/runs/seeded.gin sets all three from SEED)."""
+  return seed
+
+
+def _seeded_estimator(get_estimator):
+  """t5_mesh_transformer never sets RunConfig.tf_random_seed, so no two runs start from the same
+  initialisation; use `mtf_switch.random_seed.seed` when it is set."""
+
+  def wrapped(*args, **kwargs):
+    estimator = get_estimator(*args, **kwargs)
+    seed = random_seed()
+    if seed is not None:
+      estimator._config = estimator._config.replace(tf_random_seed=int(seed))  # pylint: disable=protected-access
+    return estimator
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
 def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
@@ -229,6 +262,8 @@ def apply():
   if not getattr(mtf_utils.tpu_estimator_model_fn, "mtf_switch_patched", False):
     mtf_utils.tpu_estimator_model_fn = _switch_eval_metrics(
         _trim_to_request(mtf_utils.tpu_estimator_model_fn))
+  if not getattr(mtf_utils.get_estimator, "mtf_switch_patched", False):
+    mtf_utils.get_estimator = _seeded_estimator(mtf_utils.get_estimator)
   if not getattr(mtf.MeshImpl.slice_shape, "mtf_switch_patched", False):
     mtf.MeshImpl.slice_shape = _explain_undivided_layout(mtf.MeshImpl.slice_shape)
   impl = mtf.placement_mesh_impl.PlacementMeshImpl
