@@ -13,7 +13,7 @@ spans for every model and checkpoint) and writes benchmarks/reproduce/*.png and 
 benchmarks/RESULTS.md between its markers: held-out neg log perplexity at fixed steps, steps and
 training seconds to the dense model's final quality (the paper's speedup), step time relative to
 dense (this run), fraction of routing requests dropped in training, and the paper's numbers.
-Runs whose last checkpoint exists are not retrained (delete --workdir to start over).
+Runs with a result.json in --workdir are not run again (delete --workdir to start over).
 """
 import argparse
 import json
@@ -126,7 +126,7 @@ def dropped_in_training(model_dir, from_step):
   out = {}
   for metric in ("dropped_fraction", "unrouted_fraction"):
     values = [v for layer in summaries.values() for s, v in zip(*layer[metric]) if s >= from_step]
-    out[metric] = float(np.mean(values))
+    out[metric] = float(np.mean(values)) if values else None
   return out
 
 
@@ -213,6 +213,7 @@ def plot(results, rows):
       "switch-cf1.0", "switch-e%d" % TABLE1_EXPERTS, "switch-cf2.0", "top2-cf1.0", "top2-cf1.25",
       "top2-cf2.0")]
   by_alias = {alias(n): n for n in results}
+  by_alias.update({n: n for n in results})
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(EXPERTS)))
   style = {"dense": dict(color="purple", lw=2.5)}
   style.update({"switch-e%d" % e: dict(color=c) for e, c in zip(EXPERTS, colors)})
@@ -231,7 +232,7 @@ def plot(results, rows):
           continue
         c = curve(results[by_alias[n]])
         keep = c[0] > 0  # step 0 (random init) would squash the interesting range
-        ax.plot(c[x_index][keep], c[1][keep], label=n, **style.get(n, {}))
+        ax.plot(c[x_index][keep], c[1][keep], marker="o", ms=3, label=n, **style.get(n, {}))
       ax.axhline(rows["dense"]["final"], color="purple", lw=0.8, ls="--")
       ax.set_xlabel(xlabel)
       ax.set_title(title, fontsize=10)
@@ -259,6 +260,44 @@ def plot(results, rows):
   return paths + ["speedup_vs_experts.png"]
 
 
+def quality_at_seconds(result, seconds):
+  """Held-out neg log perplexity after `seconds` of training (linear between checkpoints)."""
+  steps, nlp, secs = curve(result)
+  return float(np.interp(seconds, secs, nlp))
+
+
+def targets(results, rows):
+  """[(claim, holds, numbers)] for the reproduction's targets (Fig. 4, Sec. 3.1, Table 1)."""
+  out = []
+  ladder = ["switch-e%d" % e for e in EXPERTS if "switch-e%d" % e in rows]
+  dense = rows["dense"]["nlp"]
+  if ladder:
+    margins = {n: min(rows[n]["nlp"][s] - dense[s] for s in dense if s > 0) for n in ladder}
+    out.append(("every Switch model beats the dense model at every evaluated step",
+                all(m > 0 for m in margins.values()),
+                "smallest margin: " + ", ".join("%s %+.3f" % kv for kv in margins.items())))
+    finals = [rows[n]["final"] for n in ladder]
+    out.append(("final quality improves monotonically with the number of experts",
+                all(b > a for a, b in zip(finals, finals[1:])),
+                ", ".join("%s %.3f" % (n, f) for n, f in zip(ladder, finals))))
+    best = max(ladder, key=lambda n: rows[n]["step_speedup"] or 0)
+    out.append(("the best Switch model reaches the dense model's final quality in at most a third "
+                "of the steps (paper: 7.5x at 64 experts, Base scale)",
+                (rows[best]["step_speedup"] or 0) >= 3,
+                "%s: %s" % (best, _fmt(rows[best]["step_speedup"], "%.2fx"))))
+  table1 = [n for n in results if alias(n).startswith(("switch-cf", "top2-cf"))]
+  if "switch-cf1.0" in rows and any(n.startswith("top2") for n in table1):
+    budget = min(results[n]["seconds_at_step"][str(max(map(int, results[n]["eval"])))]
+                 for n in table1)
+    at = {alias(n): quality_at_seconds(results[n], budget) for n in table1}
+    top2 = max((n for n in at if n.startswith("top2")), key=at.get)
+    out.append(("Switch at capacity factor 1.0 is at least as good per second as top-2 "
+                "(Table 1's ordering)", at["switch-cf1.0"] >= at[top2],
+                "neg log perplexity after %.0f s of training: switch-cf1.0 %.3f, best top-2 "
+                "(%s) %.3f" % (budget, at["switch-cf1.0"], top2, at[top2])))
+  return out
+
+
 def markdown(results, rows, args, elapsed):
   steps = sorted(rows["dense"]["nlp"])
   shown = [s for s in steps if s > 0][-4:]
@@ -271,13 +310,17 @@ def markdown(results, rows, args, elapsed):
          " | steps to dense final | speedup (steps) | speedup (time) | step time / dense "
          "| dropped (train) |",
          "|---|" + "---|" * (len(shown) + 5)]
-  for name in results:
+  order = ["dense"] + ["switch-e%d" % e for e in EXPERTS] + [n for n, _, _ in runs()]
+  for name in sorted(results, key=order.index):
     r = rows[name]
     out.append("| %s | %s | %s | %s | %s | %.2f | %s |" % (
-        alias(name), " | ".join("%.3f" % r["nlp"][s] for s in shown),
+        name if alias(name) == name else "%s = %s" % (name, alias(name)), " | ".join("%.3f" % r["nlp"][s] for s in shown),
         _fmt(r["steps_to_dense"], "%.0f"), _fmt(r["step_speedup"], "%.2fx"),
         _fmt(r["time_speedup"], "%.2fx"), r["step_time_ratio"],
         _fmt(r["dropped"], "%.3f", "-")))
+  out += ["", "The issue's targets, checked on these numbers:", ""] + [
+      "- %s: **%s** (%s)" % (claim, "yes" if ok else "no", detail)
+      for claim, ok, detail in targets(results, rows)]
   out += ["", "Paper (Table 1, T5-Base scale, 128 experts, 100k steps) next to ours "
           "(E=%d, %d steps):" % (TABLE1_EXPERTS, args.steps), "",
           "| model | paper: neg log perp. | paper: hours to -1.50 | paper: examples/s | "
@@ -321,7 +364,6 @@ def main():
     sys.exit("GCIDE not found at %s: the reproduction trains on ../shared/data/gcide.txt.gz "
              "next to the project directory" % CORPUS)
   args.workdir = os.path.abspath(args.workdir)
-  start = time.time()
   results = {}
   for name, model_gin, params in runs():
     if args.only and name not in args.only:
@@ -333,7 +375,8 @@ def main():
   if "dense" not in results:
     return
   rows = summarize(results)
-  section = markdown(results, rows, args, time.time() - start)
+  section = markdown(results, rows, args, sum(
+      r["train_wall_s"] + r["eval_wall_s"] for r in results.values()))
   if args.no_results:
     print(section)
   else:

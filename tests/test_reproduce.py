@@ -19,12 +19,14 @@ _spec.loader.exec_module(reproduce)
 
 def values(model_dir):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir)))
-  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()}
+  return {n: np.asarray(reader.get_tensor(n)).astype(np.float64)
+          for n in reader.get_variable_to_shape_map()}
 
 
 def test_seeded_runs_repeat_exactly_and_the_seed_matters(tmp_path):
   """Same SEED: the same variables after training (initialisation, data order, noise spans,
-  router jitter) and the same held-out score; another SEED: different variables. Without
+  router jitter; to float rounding) and the same held-out score; another SEED: different
+  variables. Without
   seeded.gin, t5_mesh_transformer leaves TensorFlow's seed unset."""
   env = binary.environment(tmp_path / "cache")
   model = ["--gin_file=" + binary.SWITCH_GIN, "--gin_file=gin/runs/pretrain_cpu.gin",
@@ -40,10 +42,13 @@ def test_seeded_runs_repeat_exactly_and_the_seed_matters(tmp_path):
   binary.finish(train("a", 1), train("b", 1), train("c", 2))
   a, b, c = (values(dirs[n]) for n in "abc")
   assert a.keys() == b.keys() == c.keys()
+  # Equal to rounding: the embedding gradient's scatter-add sums in thread order on CPU, and
+  # the variables are bfloat16 (a step of 2^-6 at magnitudes 1-2).
   for name in a:
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    diff = np.abs(a[name] - b[name])
+    assert diff.max() <= 2**-5 and diff.mean() < 4e-3, name
   trained = [n for n in a if "MoE1D/wi" in n and "_slot_" not in n]
-  assert trained and all(not np.array_equal(a[n], c[n]) for n in trained)
+  assert trained and all(np.abs(a[n] - c[n]).mean() > 1e-2 for n in trained)
 
   def evaluate(name):
     return binary.start(env, str(tmp_path), name, binary.BINARY, "--module_import=mtf_switch",
@@ -57,7 +62,9 @@ def test_seeded_runs_repeat_exactly_and_the_seed_matters(tmp_path):
   for _, log in runs:
     with open(log) as f:
       scores.append(reproduce.evaluations(f.read()))
-  assert scores[0] == scores[1] and scores[0][4]["neg_log_perplexity"] < 0
+  assert scores[0].keys() == scores[1].keys() == {4}
+  assert scores[0][4] == pytest.approx(scores[1][4], rel=1e-6)
+  assert scores[0][4]["neg_log_perplexity"] < 0
 
 
 LOG = """\
