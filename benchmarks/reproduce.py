@@ -262,7 +262,7 @@ def plot(results, rows):
 
 def quality_at_seconds(result, seconds):
   """Held-out neg log perplexity after `seconds` of training (linear between checkpoints)."""
-  steps, nlp, secs = curve(result)
+  _, nlp, secs = curve(result)
   return float(np.interp(seconds, secs, nlp))
 
 
