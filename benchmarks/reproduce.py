@@ -138,6 +138,7 @@ def train_and_evaluate(name, model_gin, params, args):
       return json.load(f)
   os.makedirs(model_dir, exist_ok=True)
   start = time.time()
+  params = params + args.gin_param
   log = run_binary(command(model_dir, model_gin, params, args.steps, args.seed),
                    os.path.join(model_dir, "train.log"))
   train_wall = time.time() - start
@@ -357,6 +358,8 @@ def main():
   parser.add_argument("--seed", type=int, default=1)
   parser.add_argument("--workdir", default="runs/reproduce")
   parser.add_argument("--only", nargs="*", help="train only these runs (default: all)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="an extra gin binding for every run (repeatable)")
   parser.add_argument("--no_results", action="store_true",
                       help="print the tables instead of writing RESULTS.md and the plots")
   args = parser.parse_args()

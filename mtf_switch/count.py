@@ -10,11 +10,13 @@ in seconds.
   dense_params      params - expert_params
   embedding_params  parameters of variables with a vocabulary dimension
   flops_per_sequence  forward-pass FLOPs in the style of Kaplan et al. (2020): 2 per
-      multiply-add of every matrix product - weight matmuls (the output projection included,
-      the embedding lookup excluded), the router, and attention's QK^T and AV products.
+      multiply-add of the weight matmuls (the output projection included, the embedding lookup
+      and the routers excluded) and of attention's QK^T (Kaplan's 2 n_ctx d_attn per layer).
       An expert weight counts only for the tokens routed to it (k of E experts, paper Sec. 2;
-      k = SwitchFFN.num_selected_experts), not for the capacity slack; elementwise ops, norms and softmaxes are not counted.
-  router_flops      the routers' share of flops_per_sequence
+      k = SwitchFFN.num_selected_experts), not for the capacity slack; elementwise ops, norms
+      and softmaxes are not counted.
+  router_flops      the routers' matmuls (not in flops_per_sequence: the paper's counts leave
+      them out)
   dispatch_flops    one-hot dispatch/combine einsums (data movement on TPU; not in the total)
 
 Switch layers are built with SwitchFFN.dispatch = "einsum", the paper's TPU graph.
