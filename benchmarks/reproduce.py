@@ -1,6 +1,7 @@
 """The Switch paper's central results at CPU scale, through the stock t5_mesh_transformer only.
 
   python benchmarks/reproduce.py [--steps N] [--seed S] [--only NAME ...] [--workdir DIR]
+                                 [--gin_param=BINDING ...] [--no_results]
 
 Trains, one after the other on this machine, on GCIDE (../shared/data/gcide.txt.gz; the hashed
 1% validation split of mtf_switch.tasks is held out) with gin/runs/reproduce_cpu.gin (same data
@@ -60,7 +61,8 @@ def runs():
   for e in sorted(EXPERTS, reverse=True):
     out.append(("switch-e%d" % e, "gin/models/switch_tiny.gin", ["SwitchFFN.num_experts=%d" % e]))
   for cf in CAPACITY_FACTORS:
-    table1 = ["SwitchFFN.num_experts=%d" % TABLE1_EXPERTS, "SwitchFFN.capacity_factor_train=%g" % cf]
+    table1 = ["SwitchFFN.num_experts=%d" % TABLE1_EXPERTS,
+              "SwitchFFN.capacity_factor_train=%g" % cf]
     if cf != 1.25:  # switch-e16 is trained at 1.25 already
       out.append(("switch-cf%r" % cf, "gin/models/switch_tiny.gin", table1))
     out.append(("top2-cf%r" % cf, "gin/models/moe_tiny_top2.gin", table1))
@@ -133,12 +135,17 @@ def dropped_in_training(model_dir, from_step):
 def train_and_evaluate(name, model_gin, params, args):
   model_dir = os.path.join(args.workdir, name)
   result_path = os.path.join(model_dir, "result.json")
+  params = params + args.gin_param
+  cmd = " ".join(command(model_dir, model_gin, params, args.steps, args.seed))
   if os.path.exists(result_path):
     with open(result_path) as f:
-      return json.load(f)
+      result = json.load(f)
+    if result["command"] != cmd:
+      sys.exit("%s holds a run of another command:\n  %s\nnot\n  %s\nUse another --workdir, or "
+               "delete that directory to train it again." % (model_dir, result["command"], cmd))
+    return result
   os.makedirs(model_dir, exist_ok=True)
   start = time.time()
-  params = params + args.gin_param
   log = run_binary(command(model_dir, model_gin, params, args.steps, args.seed),
                    os.path.join(model_dir, "train.log"))
   train_wall = time.time() - start
@@ -150,8 +157,7 @@ def train_and_evaluate(name, model_gin, params, args):
                    os.path.join(model_dir, "eval.log"))
   evals = evaluations(log)
   result = {
-      "name": name, "command": " ".join(command(model_dir, model_gin, params, args.steps,
-                                                  args.seed)),
+      "name": name, "command": cmd,
       "train_wall_s": train_wall, "eval_wall_s": time.time() - start,
       "steps_per_s": steps_per_s,
       "seconds_at_step": {str(s): t for s, t in sorted(times.items())},
@@ -303,9 +309,10 @@ def markdown(results, rows, args, elapsed):
   steps = sorted(rows["dense"]["nlp"])
   shown = [s for s in steps if s > 0][-4:]
   out = [BEGIN, "",
-         "`python benchmarks/reproduce.py --steps %d --seed %d` (%s; %.0f min on this machine, "
+         "`python benchmarks/reproduce.py --steps %d --seed %d%s` (%s; %.0f min on this machine, "
          "2 CPU cores). Every run: `%s`" % (
-             args.steps, args.seed, time.strftime("%Y-%m-%d"), elapsed / 60,
+             args.steps, args.seed, "".join(' --gin_param="%s"' % p for p in args.gin_param),
+             time.strftime("%Y-%m-%d"), elapsed / 60,
              results["dense"]["command"].replace(args.workdir, "WORKDIR")), "",
          "| model | " + " | ".join("step %d" % s for s in shown) +
          " | steps to dense final | speedup (steps) | speedup (time) | step time / dense "
@@ -315,7 +322,8 @@ def markdown(results, rows, args, elapsed):
   for name in sorted(results, key=order.index):
     r = rows[name]
     out.append("| %s | %s | %s | %s | %s | %.2f | %s |" % (
-        name if alias(name) == name else "%s = %s" % (name, alias(name)), " | ".join("%.3f" % r["nlp"][s] for s in shown),
+        name if alias(name) == name else "%s = %s" % (name, alias(name)),
+        " | ".join("%.3f" % r["nlp"][s] for s in shown),
         _fmt(r["steps_to_dense"], "%.0f"), _fmt(r["step_speedup"], "%.2fx"),
         _fmt(r["time_speedup"], "%.2fx"), r["step_time_ratio"],
         _fmt(r["dropped"], "%.3f", "-")))
@@ -347,7 +355,8 @@ def write_results(section):
     head, rest = text.split(BEGIN, 1)
     text = head + section + rest.split(END, 1)[1]
   else:
-    text = text.rstrip("\n") + "\n\n## CPU-scale reproduction: Fig. 4 and Table 1\n\n" + section + "\n"
+    text = (text.rstrip("\n") + "\n\n## CPU-scale reproduction: Fig. 4 and Table 1\n\n" + section
+            + "\n")
   with open(RESULTS, "w") as f:
     f.write(text)
 
