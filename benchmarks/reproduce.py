@@ -136,7 +136,8 @@ def train_and_evaluate(name, model_gin, params, args):
   model_dir = os.path.join(args.workdir, name)
   result_path = os.path.join(model_dir, "result.json")
   params = params + args.gin_param
-  cmd = " ".join(command(model_dir, model_gin, params, args.steps, args.seed))
+  train_cmd = command(model_dir, model_gin, params, args.steps, args.seed)
+  cmd = " ".join(train_cmd)
   if os.path.exists(result_path):
     with open(result_path) as f:
       result = json.load(f)
@@ -146,14 +147,12 @@ def train_and_evaluate(name, model_gin, params, args):
     return result
   os.makedirs(model_dir, exist_ok=True)
   start = time.time()
-  log = run_binary(command(model_dir, model_gin, params, args.steps, args.seed),
-                   os.path.join(model_dir, "train.log"))
+  log = run_binary(train_cmd, os.path.join(model_dir, "train.log"))
   train_wall = time.time() - start
   times, steps_per_s = training_times(log)
   start = time.time()
-  log = run_binary(command(model_dir, model_gin, params, args.steps, args.seed,
-                           "--gin_file=perplexity_eval.gin",
-                           "--gin_param=utils.run.dataset_split='validation'"),
+  log = run_binary(train_cmd + ["--gin_file=perplexity_eval.gin",
+                               "--gin_param=utils.run.dataset_split='validation'"],
                    os.path.join(model_dir, "eval.log"))
   evals = evaluations(log)
   result = {
