@@ -14,10 +14,19 @@ M d_model. All implementations compute the same outputs and gradients with the s
     expert_hidden not split by the layout).
   "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
     gather.
+
+Dropless routing (SwitchFFN.dropless_train / dropless_eval): assign_slots without a capacity
+keeps every used choice. The ragged dispatch then computes exactly the real tokens' choices, as
+with a capacity; einsum and gather need slots and use C = S (an expert can receive at most
+every token of a group, each token choosing an expert once), so the experts compute E * S rows
+per group (E times a dense layer's) and the einsum's [O, G, S, E, C = S] dispatch and combine
+tensors take 4 * S * E bytes per token each (float32); check_dropless_einsum refuses them above
+DROPLESS_EINSUM_MAX_BYTES per device.
 """
 import collections
 
 import mesh_tensorflow as mtf
+import numpy as np
 import tensorflow.compat.v1 as tf
 from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tensorflow-import
 
@@ -70,6 +79,41 @@ def expert_capacity(group_size, num_experts, capacity_factor, min_capacity):
   return capacity
 
 
+# Bytes per device allowed for one float32 [O, G, S, E, C = S] tensor of the dropless einsum
+# dispatch: 1 GiB, a sixteenth of a TPU v3 core's 16 GiB of HBM. Each Switch layer holds two of
+# them (dispatch and combine, both kept for the backward pass) plus their activation-dtype
+# copies, so a dozen Switch layers at the limit already exceed a core's HBM. Switch-Base on a
+# v3-32 (32 groups of S = 1024 per core, E = 128): 168 MB with cf 1.25 (C = 10), 17 GB
+# dropless (C = S = 1024; fits from group_size 64).
+DROPLESS_EINSUM_MAX_BYTES = 1 << 30
+
+
+def check_dropless_einsum(dispatch_shape, layout, mesh_shape, setting):
+  """Raises ValueError if the float32 einsum dispatch tensor `dispatch_shape` [O, G, S, E, C]
+  takes more than DROPLESS_EINSUM_MAX_BYTES on one device (each dimension divided by the mesh
+  axis the layout splits it over). `setting`: the gin parameter that asked for it."""
+  local = [d.size // mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d)
+           for d in dispatch_shape.dims]
+  num_bytes = 4 * int(np.prod(local))
+  if num_bytes <= DROPLESS_EINSUM_MAX_BYTES:
+    return
+  *groups, group_size, num_experts, capacity = local
+  tokens = int(np.prod(groups)) * group_size
+  # bytes = 4 * tokens * S * E: the largest group size that fits
+  fitting = DROPLESS_EINSUM_MAX_BYTES // (4 * tokens * num_experts)
+  smaller = ("lower SwitchFFN.group_size to at most %d, " % fitting) if fitting >= 1 else ""
+  raise ValueError(
+      "%s = True with the einsum dispatch (SwitchFFN.dispatch='einsum', or 'auto' on TPU) "
+      "uses capacity C = S = %d: its one-hot dispatch tensor [groups, S, E, C] takes %d "
+      "tokens x %d x %d experts x 4 bytes = %.2f GiB per device (float32; the combine tensor "
+      "as much again), over the limit of %.2f GiB (mtf_switch.dispatch."
+      "DROPLESS_EINSUM_MAX_BYTES). It grows as tokens x S x E: %suse SwitchFFN.dispatch="
+      "'gather' (slots of tokens x E x d_model) or 'ragged' (off TPU, experts not split over "
+      "the mesh: computes only the real tokens), or route with a capacity (%s = False)." % (
+          setting, capacity, tokens, group_size, num_experts, num_bytes / 2.0 ** 30,
+          DROPLESS_EINSUM_MAX_BYTES / 2.0 ** 30, smaller, setting))
+
+
 def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
                  batch_prioritized=False, reroute=False):
   """Gives the router's choices capacity slots: all first choices, then all second choices...
@@ -83,12 +127,16 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
     router: a routing.RouterOutput.
     nonpadding: float [O, G, S], 1 for real tokens, 0 for padding (padding is never dispatched
       and takes no capacity).
-    experts_dim, group_dim, capacity_dim: the E, S and C dimensions.
+    experts_dim, group_dim, capacity_dim: the E, S and C dimensions; capacity_dim None for
+      dropless routing: every used choice is kept (no capacity cut; positions, in token order,
+      are then < S, the slots of the C = S dispatches). With no cut, the queue order (and so
+      batch_prioritized) changes only which slot a token takes, not the outputs, and is not
+      computed; with reroute, rounds after the first route nothing.
   Returns:
     Slots.
   """
   priority = None
-  if batch_prioritized:
+  if batch_prioritized and capacity_dim is not None:
     priority = mtf.stop_gradient(mtf.reduce_max(router.router_probs, reduced_dim=experts_dim))
   first = router.choices[0].expert_index
   expert_mask = mtf.one_hot(first, experts_dim, dtype=tf.float32) * nonpadding
@@ -105,7 +153,9 @@ def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,
     position = _queue_position(mask, group_dim, priority)
     if filled is not None:
       position += filled * mask
-    kept = mask * mtf.to_float(mtf.less(position, float(capacity_dim.size)))
+    kept = mask
+    if capacity_dim is not None:
+      kept *= mtf.to_float(mtf.less(position, float(capacity_dim.size)))
     rounds.append(Round(kept, position, choice.gate * mtf.reduce_sum(kept,
                                                                       reduced_dim=experts_dim)))
     taken = mtf.reduce_sum(kept, reduced_dim=group_dim)

@@ -38,7 +38,25 @@ class SwitchFFN(transformer.TransformerLayer):
     capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 3 and
       Sec. 2.2; the paper trains with 1.25 and evaluates with 2.0). Defaults 1.25 / 2.0.
       With k > 1 all k choices share the capacity (first choices are placed first).
+      Ignored where dropless_train / dropless_eval is set. (0 is not dropless: it leaves
+      C = min_capacity, which the Hugging Face import uses for a fixed capacity.)
     min_capacity: lower bound on C per group (mesh-tensorflow's min_expert_capacity). Default 4.
+    dropless_train / dropless_eval: dropless routing in training / in evaluation and inference
+      (every mode with train=False: eval, score, predict, export): no capacity, no token is
+      dropped, so a token's output no longer depends on the other tokens of its group. Not in
+      the Switch paper, which always routes with a capacity (Sec. 2.2: a token over capacity
+      is carried by the residual only); the "dropless" MoE of MegaBlocks (Gale et al. 2022).
+      Cost per dispatch: "ragged" computes exactly the real tokens' choices, as with a
+      capacity (no slack at all); "einsum" and "gather" use C = S slots per expert (an expert
+      can receive every token of its group), so the experts compute E * S rows per group, E
+      times a dense FFN, and the einsum's one-hot [groups, S, E, C = S] dispatch and combine
+      tensors take 4 * S * E bytes per token each (float32): with S = 1024 and E = 128, 512 KiB
+      per token. Building that tensor above 1 GiB per device
+      (dispatch.DROPLESS_EINSUM_MAX_BYTES) is an error; lower group_size or use the gather or
+      ragged dispatch. Top-k, batch_prioritized_routing and no_token_left_behind combine with
+      it (nothing is over capacity, so BPR's order and NTLB's rerouting change nothing); the
+      balance loss is unchanged (it counts first choices before capacity) and the summaries
+      report dropped_fraction 0. Defaults False / False (the paper's capacity-limited routing).
     router_policy: exploration during training, one of "argmax", "input_jitter",
       "input_dropout" (paper Table 11; input_jitter is the paper's choice). Default input_jitter.
     jitter_eps: eps of the multiplicative U[1-eps, 1+eps] jitter (Table 11). Default 1e-2.
@@ -85,7 +103,8 @@ class SwitchFFN(transformer.TransformerLayer):
                router_z_loss_coef=0.0, init_scale=0.1, num_selected_experts=1,
                second_policy_train="random", second_policy_eval="random", second_threshold=0.2,
                batch_prioritized_routing=False, multiplicative_bias=False,
-               no_token_left_behind=0, dispatch="auto", summaries=True):
+               no_token_left_behind=0, dispatch="auto", summaries=True, dropless_train=False,
+               dropless_eval=False):
     routing.check_policy(router_policy)
     routing.check_second_policy(second_policy_train)
     routing.check_second_policy(second_policy_eval)
@@ -125,6 +144,8 @@ class SwitchFFN(transformer.TransformerLayer):
     self.no_token_left_behind = no_token_left_behind
     self.dispatch = dispatch
     self.summaries = summaries
+    self.dropless_train = dropless_train
+    self.dropless_eval = dropless_eval
 
   # Whether the experts have a ragged implementation (experts.ragged_expert_ffn).
   RAGGED = True
@@ -179,8 +200,11 @@ class SwitchFFN(transformer.TransformerLayer):
     groups_dim = mtf.Dimension(batch_dim.name, num_groups)
     group_dim = mtf.Dimension("group", group_size)
     cf = self.capacity_factor_train if train else self.capacity_factor_eval
-    capacity_dim = mtf.Dimension("expert_capacity", dispatch_lib.expert_capacity(
-        group_size, self.num_experts, cf, self.min_capacity))
+    dropless = self.dropless_train if train else self.dropless_eval
+    # Dropless: no capacity cut; the slot dispatches (einsum, gather) get C = S.
+    capacity_dim = mtf.Dimension("expert_capacity", group_size if dropless else
+                                 dispatch_lib.expert_capacity(group_size, self.num_experts, cf,
+                                                              self.min_capacity))
     experts_unsplit = mtf.Dimension("expert_unsplit", self.num_experts)
     groups_unsplit = mtf.Dimension("batch_unsplit", num_groups)
     grouped = [outer_dim, groups_dim, group_dim]
@@ -207,7 +231,8 @@ class SwitchFFN(transformer.TransformerLayer):
           logits, experts_unsplit, self.num_selected_experts,
           self.second_policy_train if train else self.second_policy_eval, self.second_threshold)
     slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
-                                      capacity_dim, self.batch_prioritized_routing,
+                                      None if dropless else capacity_dim,
+                                      self.batch_prioritized_routing,
                                       reroute=bool(self.no_token_left_behind))
     balance_loss = losses.load_balancing_loss(router.router_probs, slots.expert_mask,
                                               nonpadding, experts_unsplit, group_dim)
@@ -240,6 +265,10 @@ class SwitchFFN(transformer.TransformerLayer):
       return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
 
     if implementation == "einsum":
+      if dropless:
+        dispatch_lib.check_dropless_einsum(
+            mtf.Shape(grouped + [experts_unsplit, capacity_dim]), layout, mesh_shape,
+            "SwitchFFN.dropless_" + ("train" if train else "eval"))
       mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
     else:
       mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)

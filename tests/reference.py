@@ -22,6 +22,9 @@ def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, ge
                      second_threshold=None, bpr=False, ntlb=0, z_coef=0.0):
   """x [batch, length, d]; weights from run_switch. Tokens are grouped in row-major order.
 
+  capacity: slots per expert and group, or None for dropless routing (no capacity: every used
+  choice reaches its expert).
+
   k: experts per token, gates renormalised over them when k > 1; second_threshold: a choice
   after the first is used only if its renormalised gate exceeds it (None: always); bpr: queue
   tokens by decreasing top-1 probability; ntlb: number of ranked choices a token may try, each
@@ -69,7 +72,7 @@ def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, ge
             gates[s, j] <= second_threshold:
           continue
         e = ranked[s, j]
-        if used[e] < capacity:
+        if capacity is None or used[e] < capacity:
           used[e] += 1
           placed[s] = True
           y[g, s] += gates[s, j] * expert(e, tokens[g, s])
