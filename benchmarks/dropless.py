@@ -1,0 +1,181 @@
+"""Dropless training (SwitchFFN.dropless_train) vs the paper's capacity factor 1.25, through the
+stock t5_mesh_transformer: the README's main command (switch_tiny, gin/runs/pretrain_cpu.gin,
+600 steps, CPU, ragged dispatch) at E = 8 and E = 32 experts, and the dense twin t5_tiny.
+
+  python benchmarks/dropless.py [--workdir /tmp/dropless_runs] [--experts 8 32] [--rounds 2]
+                                [--timing_steps 200]
+
+Round 1 trains every model for the main command's 600 steps, in turn, then evaluates the final
+checkpoint with the README's held-out command (perplexity_eval.gin on the `validation` split),
+Switch models twice: with the paper's evaluation capacity factor 2.0 and dropless
+(SwitchFFN.dropless_eval = True). Further rounds (in reverse order, so that machine noise hits
+all models alike) only time `timing_steps` training steps. Step time is the median of
+t5_mesh_transformer's `global_step/sec` reports after the first (which includes start-up) over
+all rounds. Prints a markdown table and writes WORKDIR/results.json. Runs whose WORKDIR/<name>
+holds a result.json of the same command are not run again.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mtf_switch import report  # pylint: disable=g-import-not-at-top
+
+BINARY = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
+EVAL = ["--gin_file=perplexity_eval.gin", "--gin_param=eval_checkpoint_step=-1",
+        "--gin_param=utils.run.dataset_split='validation'"]
+
+
+def models(experts):
+  """[(name, model gin, gin params)]."""
+  out = [("dense", "gin/models/t5_tiny.gin", [])]
+  for e in experts:
+    base = ["SwitchFFN.num_experts=%d" % e]
+    out += [("switch-e%d-cf1.25" % e, "gin/models/switch_tiny.gin",
+             base + ["SwitchFFN.capacity_factor_train=1.25"]),
+            ("switch-e%d-dropless" % e, "gin/models/switch_tiny.gin",
+             base + ["SwitchFFN.dropless_train=True"])]
+  return out
+
+
+def command(model_dir, model_gin, params, *extra):
+  return [BINARY, "--module_import=mtf_switch", "--gin_file=" + model_gin,
+          "--gin_file=gin/runs/pretrain_cpu.gin"] + ["--gin_param=" + p for p in params] + \
+      list(extra) + ["--model_dir=" + model_dir]
+
+
+def run_binary(cmd, log_path):
+  with open(log_path, "w") as log:
+    log.write(" ".join(cmd) + "\n")
+    log.flush()
+    if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+      sys.exit("failed: %s\nsee %s" % (" ".join(cmd), log_path))
+  with open(log_path) as log:
+    return log.read()
+
+
+def rates(log):
+  """global_step/sec reports after the first (start-up)."""
+  return [float(r) for r in re.findall(r"global_step/sec: ([0-9.]+)", log)][1:]
+
+
+def evaluation(log):
+  """{metric: value} of the last 'Saving dict for global step N: ...' (perplexity_eval)."""
+  found = re.findall(r"Saving dict for global step (\d+): (.*)$", log, re.M)
+  step, fields = found[-1]
+  out = {k: float(v) for k, v in re.findall(r"([\w/.]+) = ([-0-9.e+]+)", fields)}
+  out["step"] = int(step)
+  return out
+
+
+def mean_metric(values, metric):
+  """Mean over the Switch layers of an evaluation metric (switch/<layer>/<metric>)."""
+  found = [v for k, v in values.items() if k.startswith("switch/") and k.endswith("/" + metric)]
+  return float(np.mean(found)) if found else None
+
+
+def dropped_in_training(model_dir):
+  """Mean over the Switch layers and the summary steps of dropped_fraction (None: dense)."""
+  try:
+    summaries = report.read_summaries(model_dir)
+  except (FileNotFoundError, ValueError):
+    return None
+  values = [v for layer in summaries.values() for _, v in zip(*layer["dropped_fraction"])]
+  return float(np.mean(values)) if values else None
+
+
+def quality_run(name, model_gin, params, workdir):
+  model_dir = os.path.join(workdir, name)
+  result_path = os.path.join(model_dir, "result.json")
+  train_cmd = command(model_dir, model_gin, params)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      result = json.load(f)
+    if result["command"] == " ".join(train_cmd):
+      return result
+    sys.exit("%s holds a run of another command; delete it." % model_dir)
+  os.makedirs(model_dir, exist_ok=True)
+  start = time.time()
+  log = run_binary(train_cmd, os.path.join(model_dir, "train.log"))
+  result = {"name": name, "command": " ".join(train_cmd), "train_wall_s": time.time() - start,
+            "rates": rates(log), "dropped_in_training": dropped_in_training(model_dir),
+            "eval": {}}
+  with open(os.path.join(model_dir, "operative_config.gin")) as f:
+    operative = f.read()
+  for p in params:  # the command line's bindings reached the model
+    key, value = p.split("=")
+    assert re.search(r"^%s = %s$" % (re.escape(key), re.escape(value)), operative, re.M), p
+  evals = [("cf2.0", [])]
+  if name != "dense":
+    evals.append(("dropless", ["SwitchFFN.dropless_eval=True"]))
+  for label, extra in evals:
+    cmd = command(model_dir, model_gin, params + extra, *EVAL)
+    start = time.time()
+    values = evaluation(run_binary(cmd, os.path.join(model_dir, "eval_%s.log" % label)))
+    result["eval"][label] = {
+        "command": " ".join(cmd), "wall_s": time.time() - start, "step": values["step"],
+        "neg_log_perplexity": values["neg_log_perplexity"],
+        "dropped_fraction": mean_metric(values, "dropped_fraction")}
+  with open(result_path, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def timing_run(name, model_gin, params, workdir, steps, round_index):
+  model_dir = os.path.join(workdir, "timing%d" % round_index, name)
+  os.makedirs(model_dir, exist_ok=True)
+  log = run_binary(command(model_dir, model_gin, params + [
+      "utils.run.train_steps=%d" % steps, "utils.run.save_checkpoints_steps=%d" % steps]),
+                   os.path.join(model_dir, "train.log"))
+  return rates(log)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="/tmp/dropless_runs")
+  parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--timing_steps", type=int, default=200)
+  args = parser.parse_args()
+  os.makedirs(args.workdir, exist_ok=True)
+  runs = models(args.experts)
+  results = {}
+  for name, gin_file, params in runs:
+    results[name] = quality_run(name, gin_file, params, args.workdir)
+    print("%s: %s" % (name, json.dumps(results[name]["eval"])), flush=True)
+  all_rates = {name: list(r["rates"]) for name, r in results.items()}
+  for i in range(1, args.rounds):
+    for name, gin_file, params in (runs[::-1] if i % 2 else runs):
+      all_rates[name] += timing_run(name, gin_file, params, args.workdir, args.timing_steps, i)
+  dense = statistics.median(all_rates["dense"])
+  summary = []
+  print("| model | steps/s | step time / dense | dropped in training | held-out neg log "
+        "perplexity, eval cf 2.0 (dropped) | dropless eval |")
+  print("|---|---|---|---|---|---|")
+  for name, _, _ in runs:
+    rate = statistics.median(all_rates[name])
+    r = results[name]
+    cf2 = r["eval"]["cf2.0"]
+    dl = r["eval"].get("dropless")
+    fmt = lambda x: "-" if x is None else "%.3f" % x
+    print("| %s | %.2f | %.2f | %s | %.3f (%s) | %s |" % (
+        name, rate, dense / rate, fmt(r["dropped_in_training"]), cf2["neg_log_perplexity"],
+        fmt(cf2["dropped_fraction"]), "-" if dl is None else "%.3f (%s)" % (
+            dl["neg_log_perplexity"], fmt(dl["dropped_fraction"]))))
+    summary.append(dict(name=name, steps_per_s=rate, step_time_over_dense=dense / rate,
+                        rates=all_rates[name], **{k: r[k] for k in (
+                            "dropped_in_training", "eval", "command")}))
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
