@@ -21,7 +21,7 @@ from mesh_tensorflow.transformer import transformer
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from mtf_switch import count
+from mtf_switch import config
 
 D_MODEL, D_FF, LAYERS, EXPERTS, GROUP = 256, 1024, 4, 8, 1024
 BATCH, INPUTS, TARGETS, VOCAB = 32, 256, 64, 4196
@@ -53,7 +53,7 @@ def _gin(ffn, dispatch):
 
 def build(name, dispatch, gin_params=()):
   """A session and a training op for model `name` (gin is parsed afresh for it)."""
-  count.parse_gin(["gin/models/t5_tiny.gin"], _gin(MODELS[name], dispatch) + list(gin_params))
+  config.parse(["gin/models/t5_tiny.gin"], _gin(MODELS[name], dispatch) + list(gin_params))
   graph = tf.Graph()
   with graph.as_default():
     tf.set_random_seed(0)

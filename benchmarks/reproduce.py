@@ -6,8 +6,8 @@
 Trains, one after the other on this machine, on GCIDE (../shared/data/gcide.txt.gz; the hashed
 1% validation split of mtf_switch.tasks is held out) with gin/runs/reproduce_cpu.gin (same data
 order, steps, batch, learning-rate schedule and seed for every model):
-  - Fig. 4: the dense t5_tiny and FLOP-matched switch_tiny with E = 2, 4, 8, 16, 32 experts;
-  - Table 1: switch_tiny vs moe_tiny_top2 (top-2) at E = TABLE1_EXPERTS and training capacity
+  - Fig. 4: the dense t5_mini and FLOP-matched switch_mini with E = 2, 4, 8, 16, 32 experts;
+  - Table 1: switch_mini vs moe_mini_top2 (top-2) at E = TABLE1_EXPERTS and training capacity
     factors 1.0, 1.25 and 2.0 (evaluation always at 2.0, as in pretrain_c4.gin).
 Then evaluates every saved checkpoint on the held-out split (perplexity_eval, the same noise
 spans for every model and checkpoint) and writes benchmarks/reproduce/*.png and the section of
@@ -57,15 +57,15 @@ PAPER_TABLE1 = {
 def runs():
   """[(name, model gin, gin params)] in training order: the dense model and the largest Switch
   model first, so that a partial run already answers the main question."""
-  out = [("dense", "gin/models/t5_tiny.gin", [])]
+  out = [("dense", "gin/models/t5_mini.gin", [])]
   for e in sorted(EXPERTS, reverse=True):
-    out.append(("switch-e%d" % e, "gin/models/switch_tiny.gin", ["SwitchFFN.num_experts=%d" % e]))
+    out.append(("switch-e%d" % e, "gin/models/switch_mini.gin", ["SwitchFFN.num_experts=%d" % e]))
   for cf in CAPACITY_FACTORS:
     table1 = ["SwitchFFN.num_experts=%d" % TABLE1_EXPERTS,
               "SwitchFFN.capacity_factor_train=%g" % cf]
     if cf != 1.25:  # switch-e16 is trained at 1.25 already
-      out.append(("switch-cf%r" % cf, "gin/models/switch_tiny.gin", table1))
-    out.append(("top2-cf%r" % cf, "gin/models/moe_tiny_top2.gin", table1))
+      out.append(("switch-cf%r" % cf, "gin/models/switch_mini.gin", table1))
+    out.append(("top2-cf%r" % cf, "gin/models/moe_mini_top2.gin", table1))
   return out
 
 

@@ -28,7 +28,6 @@ the batch mesh axis. matmul_flops_per_sequence and dispatch_flops depend on that
 the other counts do not.
 """
 import json
-import os
 import sys
 
 from absl import app
@@ -36,10 +35,9 @@ from absl import flags
 import gin
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import utils as mtf_utils
-import pkg_resources
 import tensorflow.compat.v1 as tf
 
-import mtf_switch
+from mtf_switch import config
 from mtf_switch import layers
 from mtf_switch import layouts
 from mtf_switch import routing
@@ -54,33 +52,9 @@ EXPERTS_DIM = "experts"
 STACKS = ("encoder", "decoder")
 
 
-def zoo():
-  """Names of the gin model files shipped in gin/models/."""
-  folder = os.path.join(mtf_switch.gin_dir(), "models")
-  return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".gin"))
-
-
-def parse_gin(gin_files, gin_params=()):
-  """Parses mesh-tensorflow's defaults.gin, then `gin_files` and `gin_params`, into a cleared
-  gin config, as t5_mesh_transformer does."""
-  gin.clear_config()
-  t5_gin = pkg_resources.resource_filename("t5.models", "gin")
-  if t5_gin not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-    gin.add_config_file_search_path(t5_gin)
-  gin.parse_config_file(pkg_resources.resource_filename(
-      mtf_utils.__name__, mtf_utils._DEFAULT_CONFIG_FILE))  # pylint: disable=protected-access
-  for path in gin_files:
-    try:
-      gin.parse_config_file(path)
-    except IOError as e:
-      raise ValueError("%s. The model zoo: %s (as gin/models/<name>.gin)." % (
-          str(e).split(". Searched")[0], ", ".join(zoo()))) from None
-  gin.parse_config_files_and_bindings([], list(gin_params), finalize_config=False)
-
-
 def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab_size=32100):
-  """Parses gin (see parse_gin), builds the graph, returns the counts dict."""
-  parse_gin(gin_files, gin_params)
+  """Parses gin (config.parse), builds the graph, returns the counts dict."""
+  config.parse(gin_files, gin_params)
   # Count the paper's (TPU) graph: with one-hot einsum dispatch every expert weight is a matmul.
   gin.bind_parameter("SwitchFFN.dispatch", "einsum")
   mesh_shape, layout_rules = _layout()
@@ -109,8 +83,9 @@ def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab
     if mesh_shape.ndims:
       layouts.check(graph, mesh_shape, layout_rules)
     result = _count_params(graph)
-    result.update(_count_flops(graph, lengths, batch.size,
-                               tf.get_collection(layers.EXPERTS_PER_TOKEN)))
+    experts_per_token = [(layer["scope"], layer["num_selected_experts"])
+                         for layer in map(json.loads, tf.get_collection(layers.LAYERS))]
+    result.update(_count_flops(graph, lengths, batch.size, experts_per_token))
     return result
 
 

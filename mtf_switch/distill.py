@@ -17,7 +17,6 @@ Two steps, both on the stock binary's checkpoints:
 """
 import argparse
 import contextlib
-import importlib.util
 import os
 import re
 
@@ -27,6 +26,7 @@ from mesh_tensorflow.transformer import transformer
 from mesh_tensorflow.transformer import utils as mtf_utils
 import tensorflow.compat.v1 as tf
 
+from mtf_switch import config
 from mtf_switch import layers
 
 _SUBLAYER = re.compile(r"^(?P<stack>.+)/block_(?P<block>\d+)/layer_(?P<layer>\d+)/(?P<rest>.+)$")
@@ -239,17 +239,6 @@ def init_student(teacher_model_dir, model_dir, teacher_checkpoint_step=-1):
   return copy
 
 
-def parse_gin(gin_files, gin_params=()):
-  """Parses gin files and bindings as t5_mesh_transformer does: mesh-tensorflow's defaults first,
-  with t5's and mtf_switch's gin folders on the search path (models/t5.1.1.base.gin, ...)."""
-  import mtf_switch  # pylint: disable=g-import-not-at-top,unused-import  (gin search paths)
-  t5_dir, = importlib.util.find_spec("t5").submodule_search_locations
-  gin.add_config_file_search_path(os.path.join(t5_dir, "models", "gin"))
-  defaults = os.path.join(os.path.dirname(mtf_utils.__file__), mtf_utils._DEFAULT_CONFIG_FILE)  # pylint: disable=protected-access
-  gin.parse_config_files_and_bindings([defaults] + list(gin_files), list(gin_params),
-                                      finalize_config=False)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--teacher_model_dir", required=True)
@@ -259,7 +248,7 @@ def main(argv=None):
                       help="the student model, e.g. gin/models/t5_tiny.gin (repeatable)")
   parser.add_argument("--gin_param", action="append", default=[])
   args = parser.parse_args(argv)
-  parse_gin(args.gin_file, args.gin_param)
+  config.parse(args.gin_file, args.gin_param)
   copy = init_student(args.teacher_model_dir, args.model_dir, args.teacher_checkpoint_step)
   print("wrote %s: %d variables copied from the teacher; see init_variables.txt"
         % (os.path.join(args.model_dir, "model.ckpt-0"), len(copy)))

@@ -1,4 +1,6 @@
 """Gin-configurable mesh-tensorflow TransformerLayers that wire router, dispatch and experts."""
+import json
+
 import gin
 import mesh_tensorflow as mtf
 from mesh_tensorflow.transformer import transformer
@@ -13,8 +15,9 @@ from mtf_switch import routing
 # Variables live under `<layer>/MoE1D/...` (switch_gating, wi, wo) so that checkpoints are
 # interchangeable with mesh-tensorflow's `moe.MoE1D(moe_gating="switch")`.
 CHECKPOINT_SCOPE = "MoE1D"
-# Graph collection of (layer scope + "/", experts each token visits there) for the counter.
-EXPERTS_PER_TOKEN = "mtf_switch_experts_per_token"
+# Graph collection of each Switch layer's effective settings as built (a JSON string, so that
+# the meta graph serialises it): read by the counter and `python -m mtf_switch.effective`.
+LAYERS = "mtf_switch_layers"
 
 
 def is_switch_variable(name):
@@ -217,8 +220,6 @@ class SwitchFFN(transformer.TransformerLayer):
       nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
     init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
 
-    tf.add_to_collection(EXPERTS_PER_TOKEN, (tf.get_variable_scope().name + "/",
-                                             self.num_selected_experts))
     logits = routing.router_logits(
         inputs, experts_unsplit, self.router_policy, self.jitter_eps, self.router_dropout_rate,
         train, variable_dtype, init,
@@ -253,6 +254,7 @@ class SwitchFFN(transformer.TransformerLayer):
     experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
                         for d in (experts_dim, hidden_dim))
     implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
+    self._record(train, num_groups, group_size, capacity_dim.size, implementation)
     if implementation == "ragged":
       choices_dim = mtf.Dimension("choices", len(slots.rounds))
       expert, gate = dispatch_lib.kept_experts(slots, experts_unsplit, choices_dim)
@@ -286,6 +288,19 @@ class SwitchFFN(transformer.TransformerLayer):
     # y = sum over slots of g_i(x) * E_i(x); a token with no slot gets 0 (only the residual).
     y = mover.combine(expert_outputs, mtf.Shape(grouped + [output_dim]))
     return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
+
+  def _record(self, train, num_groups, group_size, capacity, implementation):
+    """Adds this layer's effective settings to the LAYERS collection."""
+    settings = {name: getattr(self, name) for name in (
+        "num_experts", "num_selected_experts", "hidden_size", "activation", "router_policy",
+        "loss_coef", "router_z_loss_coef", "init_scale", "batch_prioritized_routing",
+        "no_token_left_behind", "expert_dropout_rate")}
+    settings.update(
+        scope=tf.get_variable_scope().name + "/", train=bool(train), groups=num_groups,
+        group_size=group_size, expert_capacity=capacity, dispatch=implementation,
+        capacity_factor=self.capacity_factor_train if train else self.capacity_factor_eval,
+        second_policy=self.second_policy_train if train else self.second_policy_eval)
+    tf.add_to_collection(LAYERS, json.dumps(settings))
 
 
 def _resplit(t, leading_dims, last_dim):

@@ -1,4 +1,6 @@
 """Work-arounds for upstream bugs, applied when `mtf_switch` is imported."""
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 
@@ -11,6 +13,7 @@ import tensorflow.compat.v1 as tf
 from tensorflow.python.ops import gen_logging_ops  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tensorflow-import
 
+from mtf_switch import config
 from mtf_switch import layouts
 from mtf_switch import metrics
 
@@ -72,6 +75,26 @@ def _trim_to_request(make_model_fn):
       # export_outputs=None: made again from the trimmed predictions, as when the spec is made
       return _respec(spec, predictions={k: v[:size] for k, v in spec.predictions.items()},
                      export_outputs=None)
+
+    return wrapped
+
+  make.mtf_switch_patched = True
+  return make
+
+
+def _serializable_collections(make_model_fn):
+  """mesh-tensorflow keeps its scalar summaries as (name, tensor) tuples in a graph collection,
+  read by the TPU host call while the model_fn runs; the Estimator then writes the meta graph and
+  logs "Issue encountered when serializing mtf_scalar_summaries ... 'tuple' object has no
+  attribute 'name'" for every Switch model. Empty the collection once the model_fn is done."""
+
+  def make(*args, **kwargs):
+    model_fn = make_model_fn(*args, **kwargs)
+
+    def wrapped(features, labels, mode, params=None, config=None):  # the arguments estimators pass
+      spec = model_fn(features, labels, mode, params, config)
+      tf.get_default_graph().clear_collection(mtf.utils.SCALAR_SUMMARIES_COLLECTION_KEY)
+      return spec
 
     return wrapped
 
@@ -182,36 +205,63 @@ def _switch_eval_metrics(make_model_fn):
   return make
 
 
-def _finetune_from_the_binary(mtf_model, finetune):
-  """`t5_mesh_transformer --use_model_api --mode=finetune` fails twice upstream (t5 0.9.4): the
-  binary passes `steps=` and `checkpoint_steps=`, which MtfModel.finetune names `finetune_steps`
-  and `pretrained_checkpoint_step` (TypeError); and finetune parses the pretrained model's
-  operative config after the command line's gin, so a fine-tuning recipe (dropout, capacity
-  factors, ...) is silently replaced by the pretraining values. Accept both names and parse the
-  command line's --gin_file/--gin_param again on top of the operative config. (Applied when
-  t5.models is already imported, as in the binary: importing it costs seconds.)"""
+def _finetune_from_the_binary(finetune):
+  """`t5_mesh_transformer --use_model_api --mode=finetune` fails upstream (t5 0.9.4): the binary
+  passes `steps=` and `checkpoint_steps=`, which MtfModel.finetune names `finetune_steps` and
+  `pretrained_checkpoint_step` (TypeError). Accept both names."""
 
   def wrapped(self, mixture_or_task_name, finetune_steps=None, pretrained_model_dir=None,
               pretrained_checkpoint_step=-1, split="train", steps=None, checkpoint_steps=None):
     finetune_steps = steps if finetune_steps is None else finetune_steps
     if checkpoint_steps is not None:
       pretrained_checkpoint_step = checkpoint_steps
-    parse_operative_config = mtf_model._parse_operative_config  # pylint: disable=protected-access
+    return finetune(self, mixture_or_task_name, finetune_steps, pretrained_model_dir,
+                    pretrained_checkpoint_step, split)
 
-    def then_command_line(model_dir):
-      parse_operative_config(model_dir)
-      if flags.FLAGS.is_parsed():
-        with gin.unlock_config():
-          gin.parse_config_files_and_bindings(
-              flags.FLAGS.gin_file, flags.FLAGS.gin_param,
-              skip_unknown=sys.modules["t5.models.mesh_transformer"].DEPRECATED_GIN_REFERENCES)
+  wrapped.mtf_switch_patched = True
+  return wrapped
 
-    mtf_model._parse_operative_config = then_command_line  # pylint: disable=protected-access
-    try:
-      return finetune(self, mixture_or_task_name, finetune_steps, pretrained_model_dir,
-                      pretrained_checkpoint_step, split)
-    finally:
-      mtf_model._parse_operative_config = parse_operative_config  # pylint: disable=protected-access
+
+def _command_line_after_operative_config(parse_operative_config, skip_unknown):
+  """MtfModel (the model API: every --use_model_api mode, and t5's Python workflow) parses the
+  model directory's operative_config.gin after the command line, so an evaluation, prediction,
+  scoring, export or fine-tuning silently ignores --gin_file/--gin_param (scoped or not): apply
+  the command line again on top (config.override: it also reaches the operative config's
+  per-stack bindings)."""
+
+  def wrapped(model_dir):
+    parse_operative_config(model_dir)
+    with gin.unlock_config():
+      config.override(*config.command_line(), skip_unknown=skip_unknown)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+def _extra_bindings_win(estimator):
+  """MtfModel(extra_gin_bindings=[...]) is parsed after the operative config, but an unscoped
+  binding there loses to the operative config's per-stack ones: apply it with config.override."""
+
+  def wrapped(self, *args, **kwargs):
+    with gin.unlock_config():
+      config.override([], self._gin_bindings or [])  # pylint: disable=protected-access
+    return estimator(self, *args, **kwargs)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+def _gin_params_win(parse_gin_defaults_and_flags):
+  """t5_mesh_transformer's --gin_param replaces the command line's files' bindings of the same
+  parameter in narrower scopes too (config.override): `--gin_param=SwitchFFN.x=...` reaches a
+  model file's `encoder/SwitchFFN.x`."""
+
+  def wrapped(skip_unknown=False, finalize_config=True):
+    parse_gin_defaults_and_flags(skip_unknown=skip_unknown, finalize_config=False)
+    with gin.unlock_config():
+      config.override([], config.command_line()[1], skip_unknown=skip_unknown)
+    if finalize_config:
+      gin.finalize()
 
   wrapped.mtf_switch_patched = True
   return wrapped
@@ -260,8 +310,8 @@ def apply():
   if not getattr(mtf_utils.decode, "mtf_switch_patched", False):
     mtf_utils.decode = _decode_to_text(mtf_utils.decode)
   if not getattr(mtf_utils.tpu_estimator_model_fn, "mtf_switch_patched", False):
-    mtf_utils.tpu_estimator_model_fn = _switch_eval_metrics(
-        _trim_to_request(mtf_utils.tpu_estimator_model_fn))
+    mtf_utils.tpu_estimator_model_fn = _serializable_collections(_switch_eval_metrics(
+        _trim_to_request(mtf_utils.tpu_estimator_model_fn)))
   if not getattr(mtf_utils.get_estimator, "mtf_switch_patched", False):
     mtf_utils.get_estimator = _seeded_estimator(mtf_utils.get_estimator)
   if not getattr(mtf.MeshImpl.slice_shape, "mtf_switch_patched", False):
@@ -269,11 +319,54 @@ def apply():
   impl = mtf.placement_mesh_impl.PlacementMeshImpl
   if not getattr(impl.__init__, "mtf_switch_patched", False):
     impl.__init__ = _check_devices(impl.__init__)
-  mtf_model = sys.modules.get("t5.models.mtf_model")
-  if mtf_model and not getattr(mtf_model.MtfModel.finetune, "mtf_switch_patched", False):
-    mtf_model.MtfModel.finetune = _finetune_from_the_binary(mtf_model, mtf_model.MtfModel.finetune)
-  t5_utils = sys.modules.get("t5.models.utils")
-  if t5_utils and not getattr(t5_utils.write_lines_to_file, "mtf_switch_patched", False):
-    t5_utils.write_lines_to_file = _makedirs_first(t5_utils.write_lines_to_file)
+  if not getattr(mtf_utils.parse_gin_defaults_and_flags, "mtf_switch_patched", False):
+    mtf_utils.parse_gin_defaults_and_flags = _gin_params_win(mtf_utils.parse_gin_defaults_and_flags)
+  if "t5.models.mtf_model" in sys.modules:
+    _apply_to_t5()
+  elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterImport("t5.models.mtf_model", _apply_to_t5))
   if not getattr(mtf.ScalarSummaryOperation.lower, "mtf_switch_patched", False):
     mtf.ScalarSummaryOperation.lower = _switch_summaries(mtf.ScalarSummaryOperation.lower)
+
+
+def _apply_to_t5():
+  """The patches of t5.models (imported by t5_mesh_transformer before --module_import, and by
+  a Python user before or after mtf_switch), and the model API's schedule (gin/runs/model_api.gin)
+  unless one is bound."""
+  mtf_model = sys.modules["t5.models.mtf_model"]
+  model = mtf_model.MtfModel
+  if not getattr(model.finetune, "mtf_switch_patched", False):
+    model.finetune = _finetune_from_the_binary(model.finetune)
+  if not getattr(model.estimator, "mtf_switch_patched", False):
+    model.estimator = _extra_bindings_win(model.estimator)
+  if not getattr(mtf_model._parse_operative_config, "mtf_switch_patched", False):  # pylint: disable=protected-access
+    mtf_model._parse_operative_config = _command_line_after_operative_config(  # pylint: disable=protected-access
+        mtf_model._parse_operative_config,  # pylint: disable=protected-access
+        sys.modules["t5.models.mesh_transformer"].DEPRECATED_GIN_REFERENCES)
+  if not config.bound("MtfModel.learning_rate_schedule"):
+    with gin.unlock_config():
+      gin.parse_config_file("gin/runs/model_api.gin")
+  t5_utils = sys.modules["t5.models.utils"]
+  if not getattr(t5_utils.write_lines_to_file, "mtf_switch_patched", False):
+    t5_utils.write_lines_to_file = _makedirs_first(t5_utils.write_lines_to_file)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+  """Calls `then()` right after the module `name` is first imported, then steps aside."""
+
+  def __init__(self, name, then):
+    self.name, self.then = name, then
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname != self.name:
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+    exec_module = spec.loader.exec_module
+
+    def exec_then(module):
+      exec_module(module)
+      self.then()
+
+    spec.loader.exec_module = exec_then
+    return spec

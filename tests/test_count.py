@@ -9,6 +9,7 @@ import mesh_tensorflow as mtf
 import pytest
 import tensorflow.compat.v1 as tf
 
+from mtf_switch import config
 from mtf_switch import count
 
 VOCAB = 32128  # 32100 padded to a multiple of 128 by mesh-tensorflow
@@ -120,7 +121,7 @@ def test_switch_large_as_printed_in_table_9():
 
 
 def test_every_zoo_model_counts_and_switch_models_are_flop_matched():
-  zoo = count.zoo()
+  zoo = config.zoo()
   assert {"t5_base", "t5_large", "t5_xxl", "switch_base", "switch_large", "switch_xxl",
           "switch_c", "switch_base_plus", "switch_base_classic", "switch_large_classic"} <= set(zoo)
   ladder = [counted("switch_base_e%d" % e) for e in (2, 4, 8, 16, 32, 64, 128, 256)]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
+from mtf_switch import config
 from mtf_switch import distill
 from mtf_switch import finetune
 
@@ -13,7 +14,7 @@ VOCAB = 4224  # the default corpus' vocabulary, padded to a multiple of 128
 
 
 def variables_of(model_gin):
-  distill.parse_gin([model_gin])
+  config.parse([model_gin])
   shapes = distill.model_variables(VOCAB)
   with gin.unlock_config():
     gin.clear_config()

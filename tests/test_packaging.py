@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-import mtf_switch
+from mtf_switch import config
 
 
 def _python(code, cwd="/"):
@@ -26,7 +26,7 @@ def test_startup_hook_is_cheap_and_mesh_tensorflow_imports():
 
 
 def test_gin_files_ship_with_the_package():
-  root = mtf_switch.gin_dir()
+  root = config.gin_dirs()[0]
   for name in ("models/switch_tiny.gin", "models/t5_tiny.gin", "models/sparse/every_other_ffn.gin",
                "runs/pretrain_cpu.gin", "runs/pretrain_c4.gin", "layouts/tpu_v3_32.gin"):
     assert os.path.isfile(os.path.join(root, name)), name

@@ -7,7 +7,7 @@ import numpy as np
 import seqio
 import tensorflow.compat.v1 as tf
 
-from mtf_switch import count
+from mtf_switch import config
 from mtf_switch import layers
 
 PAPER_MODEL = ["gin/models/switch_base.gin", "gin/runs/pretrain_c4.gin",
@@ -30,7 +30,7 @@ def _switch_settings():
 
 
 def test_pretrain_c4_is_the_papers_recipe():
-  count.parse_gin(PAPER_MODEL)
+  config.parse(PAPER_MODEL)
   query = gin.query_parameter
   assert query("%MIXTURE_NAME") == "c4_v220_span_corruption"
   assert "c4_v220_span_corruption" in seqio.TaskRegistry.names()
@@ -53,7 +53,7 @@ def test_pretrain_c4_is_the_papers_recipe():
 
 
 def test_pretrain_cpu_changes_only_the_scale():
-  count.parse_gin(CPU_MODEL)
+  config.parse(CPU_MODEL)
   query = gin.query_parameter
   assert query("%MIXTURE_NAME") == "mtf_switch_span_corruption"
   assert query("utils.run.sequence_length") == {"inputs": 128, "targets": 32}

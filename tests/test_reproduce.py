@@ -116,7 +116,7 @@ def test_every_run_of_the_suite_is_the_same_recipe_but_the_model():
     assert "--gin_file=" + reproduce.RUN_GIN in cmd and "--gin_param=SEED=1" in cmd
     assert os.path.exists(os.path.join(ROOT, model_gin))
     if name.startswith("top2"):
-      assert model_gin.endswith("moe_tiny_top2.gin")
+      assert model_gin.endswith("moe_mini_top2.gin")
     cf = re.search(r"cf([0-9.]+)$", reproduce.alias(name))
     if cf:
       assert "SwitchFFN.capacity_factor_train=%g" % float(cf.group(1)) in params or (
