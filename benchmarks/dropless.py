@@ -63,8 +63,9 @@ def run_binary(cmd, log_path):
 
 
 def rates(log):
-  """global_step/sec reports after the first (start-up)."""
-  return [float(r) for r in re.findall(r"global_step/sec: ([0-9.]+)", log)][1:]
+  """global_step/sec reports after the first (start-up); absl repeats each line, once."""
+  return [float(r) for r in re.findall(r"^INFO:tensorflow:global_step/sec: ([0-9.]+)", log,
+                                       re.M)][1:]
 
 
 def evaluation(log):
@@ -103,16 +104,24 @@ def quality_run(name, model_gin, params, workdir):
       return result
     sys.exit("%s holds a run of another command; delete it." % model_dir)
   os.makedirs(model_dir, exist_ok=True)
+  log_path = os.path.join(model_dir, "train.log")
   start = time.time()
-  log = run_binary(train_cmd, os.path.join(model_dir, "train.log"))
+  log = None
+  if os.path.exists(log_path):  # a finished training of this command (its evaluation failed)
+    with open(log_path) as f:
+      log = f.read()
+    if not (log.startswith(" ".join(train_cmd) + "\n") and "Loss for final step" in log):
+      log = None
+  log = log or run_binary(train_cmd, log_path)
   result = {"name": name, "command": " ".join(train_cmd), "train_wall_s": time.time() - start,
             "rates": rates(log), "dropped_in_training": dropped_in_training(model_dir),
             "eval": {}}
   with open(os.path.join(model_dir, "operative_config.gin")) as f:
     operative = f.read()
-  for p in params:  # the command line's bindings reached the model
+  for p in params:  # the command line's bindings reached every scope of the model
     key, value = p.split("=")
-    assert re.search(r"^%s = %s$" % (re.escape(key), re.escape(value)), operative, re.M), p
+    found = re.findall(r"^(?:\w+/)*%s = (.*)$" % re.escape(key), operative, re.M)
+    assert found and set(found) == {value}, (p, found)
   evals = [("cf2.0", [])]
   if name != "dense":
     evals.append(("dropless", ["SwitchFFN.dropless_eval=True"]))
