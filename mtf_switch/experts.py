@@ -7,7 +7,7 @@ wi, or wi_0/wi_1 for gated units, and wo, each [experts, in, out]):
   ragged_expert_ffn: over the tokens [O, G, S, M] themselves, each multiplied by its own
     expert's weights (rows grouped by expert on each device, one matmul per expert); only kept
     tokens are computed. Needs every expert's weights on every device; activations are
-    reimplemented in TensorFlow (relu, gelu, swish, sigmoid, tanh, linear).
+    reimplemented in TensorFlow (ACTIVATIONS: every elementwise activation of mtf).
 """
 import collections
 
@@ -151,19 +151,30 @@ def _with_zero_row(rows):
   return tf.pad(rows, [[0, 1], [0, 0]])  # also when rows is empty (every token dropped)
 
 
+# The activation names SwitchFFN.activation accepts, for every dispatch: mesh-tensorflow's
+# elementwise activations (dense_product looks a name up as `mtf.<name>`; "linear" or None is
+# none), each as TensorFlow computes it in mtf, for the ragged experts.
+ACTIVATIONS = {
+    "linear": lambda x: x,
+    "relu": tf.nn.relu,
+    "gelu": lambda x: x * (0.5 * (1.0 + tf.tanh(np.sqrt(2 / np.pi) *
+                                                (x + 0.044715 * x * x * x)))),
+    "swish": lambda x: x * tf.sigmoid(x),
+    "sigmoid": tf.sigmoid,
+    "tanh": tf.tanh,
+    "elu": tf.nn.elu,
+    "selu": tf.nn.selu,
+    "softplus": tf.math.softplus,
+    "leaky_relu": lambda x: tf.nn.leaky_relu(x, 0.2),  # mtf.leaky_relu's default alpha
+    "squared_relu": lambda x: tf.square(tf.nn.relu(x)),
+}
+
+
 def _tf_activation(name):
   """The TensorFlow function of a mesh-tensorflow activation name (as mtf computes it)."""
-  if name in (None, "linear"):
-    return lambda x: x
-  functions = {
-      "relu": tf.nn.relu,
-      "gelu": lambda x: x * (0.5 * (1.0 + tf.tanh(np.sqrt(2 / np.pi) *
-                                                  (x + 0.044715 * x * x * x)))),
-      "swish": lambda x: x * tf.sigmoid(x),
-      "sigmoid": tf.sigmoid,
-      "tanh": tf.tanh,
-  }
-  if name not in functions:
-    raise ValueError("SwitchFFN.dispatch='ragged' supports the activations %s, not %r: use "
-                     "SwitchFFN.dispatch='gather'." % (", ".join(sorted(functions)), name))
-  return functions[name]
+  if name is None:
+    name = "linear"
+  if name not in ACTIVATIONS:  # SwitchFFN's constructor refuses other names
+    raise ValueError("SwitchFFN.activation %r is not one of %s." % (
+        name, ", ".join(sorted(ACTIVATIONS))))
+  return ACTIVATIONS[name]

@@ -1,5 +1,8 @@
 """Gin-configurable mesh-tensorflow TransformerLayers that wire router, dispatch and experts."""
+import inspect
 import json
+import math
+import numbers
 
 import gin
 import mesh_tensorflow as mtf
@@ -24,6 +27,68 @@ def is_switch_variable(name):
   """Whether a variable (or checkpoint entry) belongs to a Switch layer - its router, experts or
   multiplicative bias, everything under `.../MoE1D/` - as opposed to the dense ("non-MoE") rest."""
   return CHECKPOINT_SCOPE in name.split("/")[:-1]
+
+
+# Whether capacity_factor_train/_eval may be 0 (C = min_capacity: a fixed capacity, as the
+# Hugging Face import uses); False would ask for > 0. Negative factors are always refused.
+CAPACITY_FACTOR_ZERO_OK = True
+# SwitchFFN's numeric arguments: name -> (integer?, low, low included?, high or None, high
+# included?, what it is). Booleans are checked from the signature's defaults.
+_RANGES = {
+    "num_experts": (True, 1, True, None, None, "experts per layer"),
+    "hidden_size": (True, 1, True, None, None, "d_ff of each expert"),
+    "group_size": (True, 1, True, None, None, "max tokens per routing group"),
+    "capacity_factor_train": (False, 0, CAPACITY_FACTOR_ZERO_OK, None, None,
+                              "C = group size * cf / num_experts; the paper trains with 1.25"),
+    "capacity_factor_eval": (False, 0, CAPACITY_FACTOR_ZERO_OK, None, None,
+                             "C = group size * cf / num_experts; the paper evaluates with 2.0"),
+    "min_capacity": (True, 0, True, None, None, "lower bound on the expert capacity"),
+    "jitter_eps": (False, 0, True, 1, False, "router input jitter U[1-eps, 1+eps]"),
+    "router_dropout_rate": (False, 0, True, 1, False, "a dropout rate"),
+    "expert_dropout_rate": (False, 0, True, 1, False, "a dropout rate"),
+    "loss_coef": (False, 0, True, None, None, "weight of the load-balancing loss"),
+    "router_z_loss_coef": (False, 0, True, None, None, "weight of the router z-loss"),
+    "init_scale": (False, 0, False, None, None, "initializer std = sqrt(init_scale / fan_in)"),
+    "num_selected_experts": (True, 1, True, None, None, "experts per token"),
+    "second_threshold": (False, 0, False, 1, True, "gate threshold of the 2nd..k-th choices"),
+    "no_token_left_behind": (True, 0, True, None, None, "0 (off) or choices a token may try"),
+}
+
+
+def _range_text(low, low_in, high, high_in):
+  if high is None:
+    return "%s %s" % (">=" if low_in else ">", low)
+  return "in %s%s, %s%s" % ("[" if low_in else "(", low, high, "]" if high_in else ")")
+
+
+def _check_arguments(args):
+  """Raises ValueError naming the first SwitchFFN argument (in `args`, the constructor's
+  locals) outside its range (_RANGES), not a bool where the default is one, or an activation
+  name that experts.ACTIVATIONS (every dispatch) does not know."""
+  for name, (integer, low, low_in, high, high_in, what) in _RANGES.items():
+    value = args[name]
+    ok = (isinstance(value, numbers.Integral if integer else numbers.Real) and
+          not isinstance(value, bool) and math.isfinite(value) and
+          (value >= low if low_in else value > low) and
+          (high is None or (value <= high if high_in else value < high)))
+    if not ok:
+      raise ValueError("SwitchFFN.%s must be %s %s (%s), got %r." % (
+          name, "an integer" if integer else "a number", _range_text(low, low_in, high, high_in),
+          what, value))
+  for name, parameter in inspect.signature(SwitchFFN.__init__).parameters.items():
+    if isinstance(parameter.default, bool) and args[name] not in (True, False):
+      raise ValueError("SwitchFFN.%s must be True or False, got %r." % (name, args[name]))
+  activation = args["activation"]
+  names = list(activation) if isinstance(activation, (list, tuple)) else [activation]
+  unknown = [a for a in names if a is not None and not (isinstance(a, str) and
+                                                        a in experts.ACTIVATIONS)]
+  if unknown or not names:
+    raise ValueError(
+        "SwitchFFN.activation=%r: %s; use one of %s (mesh-tensorflow's elementwise "
+        "activations, for every dispatch), or a list of them for a gated unit (the product of "
+        "one dense layer per name, e.g. ['gelu', 'linear'] for GEGLU)." % (
+            activation, "%r is not an activation" % unknown[0] if unknown else "no activation",
+            ", ".join(sorted(experts.ACTIVATIONS))))
 
 
 @gin.configurable
@@ -112,6 +177,7 @@ class SwitchFFN(transformer.TransformerLayer):
     routing.check_second_policy(second_policy_train)
     routing.check_second_policy(second_policy_eval)
     dispatch_lib.check_implementation(dispatch)
+    _check_arguments(locals())
     if num_experts < 1:
       raise ValueError("SwitchFFN.num_experts must be >= 1, got %d." % num_experts)
     if not 1 <= num_selected_experts <= num_experts:

@@ -27,6 +27,7 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+import zlib
 
 import gin
 import tensorflow as tf
@@ -162,10 +163,54 @@ def validation_split(fraction=0.01, min_lines=300) -> tuple:
 # ---------------------------------------------------------------- the resolved corpus
 
 _file_stats = {}  # (path, size, mtime_ns) -> (sha256, number of non-empty lines)
+# A corpus file is refused as not text when more than this fraction of its bytes are not
+# UTF-8 or are control characters (tab, newline and carriage return are text). GCIDE's few
+# cp1252 bytes are 1e-7 of it; random bytes are about half.
+MAX_NOT_TEXT_FRACTION = 0.01
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, surrogate-escaped
 
 
 def _open(path):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _count_lines(path: str) -> int:
+  """Non-empty lines of a corpus file; raises ValueError if the file is not text."""
+  num_lines = size = undecodable = control = 0
+  first = None  # line number of the first line that is not text
+  try:
+    with _open(path) as f:
+      for number, line in enumerate(f, 1):
+        size += len(line)
+        num_lines += bool(line.strip())
+        bad = len(_CONTROL.findall(line))
+        control += bad
+        try:
+          line.decode("utf-8")
+        except UnicodeDecodeError:
+          found = len(_UNDECODABLE.findall(line.decode("utf-8", "surrogateescape")))
+          undecodable += found
+          bad += found
+        if bad and first is None:
+          first = number
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise ValueError(f"corpus file {path!r} ends in .gz but is not a complete gzip file ({e}): "
+                     "compress it with gzip, or drop the .gz for plain text "
+                     f"(gin: {GIN_MODULE}.text_files.paths)") from None
+  if undecodable + control > MAX_NOT_TEXT_FRACTION * size:
+    with open(path, "rb") as f:
+      gzipped = f.read(2) == b"\x1f\x8b"
+    raise ValueError(
+        f"corpus file {path!r} is not text: {undecodable} of its {size} bytes are not UTF-8 "
+        f"and {control} are control characters ({(undecodable + control) / size:.1%}, over "
+        f"the {MAX_NOT_TEXT_FRACTION:.0%} allowed; the first in line {first})."
+        + (" It is gzip-compressed: name it .txt.gz." if gzipped and not path.endswith(".gz")
+           else "") +
+        " The corpus must be UTF-8 text (convert others, e.g. `iconv -f cp1252 -t utf-8`), "
+        "one document per line "
+        f"(gin: {GIN_MODULE}.text_files.paths).")
+  return num_lines
 
 
 def _file_stat(path: str) -> tuple:
@@ -176,9 +221,7 @@ def _file_stat(path: str) -> tuple:
     with open(path, "rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
-    with _open(path) as f:
-      num_lines = sum(1 for line in f if line.strip())
-    _file_stats[key] = (digest.hexdigest(), num_lines)
+    _file_stats[key] = (digest.hexdigest(), _count_lines(path))
   return _file_stats[key]
 
 
