@@ -23,10 +23,8 @@ from mtf_switch import layers
 from mtf_switch import patches
 from mtf_switch.layers import SwitchFFN
 
-patches.apply()
-guards.apply()
-
-
 config.add_search_paths()
 if not gin.config._CONFIG:  # pylint: disable=protected-access  (a Python user's fresh config)
   config.parse_defaults()
+patches.apply()
+guards.apply()

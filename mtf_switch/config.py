@@ -15,6 +15,7 @@ setting per stack (`encoder/SwitchFFN.capacity_factor_eval = 2.0`), and
 `python -m mtf_switch.effective` shows what a configuration makes each Switch layer do.
 """
 import importlib.util
+import logging
 import os
 
 from absl import flags
@@ -39,6 +40,18 @@ def add_search_paths():
   for path in gin_dirs():
     if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
       gin.add_config_file_search_path(path)
+  root = logging.getLogger()
+  if not any(isinstance(f, _QuietSearch) for f in root.filters):
+    root.addFilter(_QuietSearch())
+
+
+class _QuietSearch(logging.Filter):
+  """gin logs "Path not found: ..." at ERROR level for every search path that does not hold a
+  file before the one that does (a dozen lines per run, read as failures); a file found nowhere
+  still raises IOError listing the paths searched."""
+
+  def filter(self, record):
+    return not (record.module == "resource_reader" and record.msg == "Path not found: %s")
 
 
 def defaults_file():

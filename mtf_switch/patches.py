@@ -1,6 +1,7 @@
 """Work-arounds for upstream bugs, applied when `mtf_switch` is imported."""
 import importlib.abc
 import importlib.machinery
+import inspect
 import os
 import sys
 
@@ -22,7 +23,9 @@ def _tokenize_string_features(add_pretokenized):
   """Scoring from strings (`--mode=score`, `utils.run.mode="score_from_strings"`) hands
   `save_scores` examples whose "inputs"/"targets" are the strings themselves; upstream expects
   id arrays (`.tolist()`, `np.argmax`) and crashes right after writing the .scores file. Keep each
-  string as "<feature>_pretokenized" and replace the feature by its token ids."""
+  string as "<feature>_pretokenized" and replace the feature by its token ids as they were scored
+  (EOS appended, cut to the sequence length: _SCORING), so that `.lengths` counts the tokens of
+  each score."""
 
   def wrapped(examples, vocabulary):
     vocabs = {"inputs": mtf_utils.inputs_vocabulary(vocabulary),
@@ -33,8 +36,36 @@ def _tokenize_string_features(add_pretokenized):
         if isinstance(value, (bytes, str)):
           text = value.decode("utf-8") if isinstance(value, bytes) else value
           example.setdefault(name + "_pretokenized", text)
-          example[name] = np.array(vocab.encode(text), np.int32)
+          length, eos = _SCORING.get(name, (None, None))
+          ids = vocab.encode(text) + ([eos] if eos else [])
+          example[name] = np.array(ids[:length], np.int32)
     return add_pretokenized(examples, vocabulary)
+
+  wrapped.mtf_switch_patched = True
+  return wrapped
+
+
+# {feature: (sequence length, EOS id or 0)} of the score_from_strings call under way.
+_SCORING = {}
+
+
+def _note_how_strings_are_scored(score_from_strings):
+  """Notes score_from_strings' lengths and EOS ids for _tokenize_string_features (upstream
+  encodes inputs with EOS, and targets with EOS when score_eos)."""
+  signature = inspect.signature(score_from_strings)
+
+  def wrapped(*args, **kwargs):
+    call = signature.bind(*args, **kwargs)
+    call.apply_defaults()
+    lengths, eos = call.arguments["sequence_length"], call.arguments["eos_id"]
+    if isinstance(lengths, int):
+      lengths = {"inputs": lengths, "targets": lengths}
+    _SCORING.update(inputs=(lengths.get("inputs"), eos),
+                    targets=(lengths["targets"], eos if call.arguments["score_eos"] else 0))
+    try:
+      return score_from_strings(*args, **kwargs)
+    finally:
+      _SCORING.clear()
 
   wrapped.mtf_switch_patched = True
   return wrapped
@@ -307,6 +338,8 @@ def apply():
   fn = mtf_utils._maybe_add_pretokenized_features  # pylint: disable=protected-access
   if not getattr(fn, "mtf_switch_patched", False):
     mtf_utils._maybe_add_pretokenized_features = _tokenize_string_features(fn)  # pylint: disable=protected-access
+  if not getattr(mtf_utils.score_from_strings, "mtf_switch_patched", False):
+    mtf_utils.score_from_strings = _note_how_strings_are_scored(mtf_utils.score_from_strings)
   if not getattr(mtf_utils.decode, "mtf_switch_patched", False):
     mtf_utils.decode = _decode_to_text(mtf_utils.decode)
   if not getattr(mtf_utils.tpu_estimator_model_fn, "mtf_switch_patched", False):
@@ -345,7 +378,7 @@ def _apply_to_t5():
         sys.modules["t5.models.mesh_transformer"].DEPRECATED_GIN_REFERENCES)
   if not config.bound("MtfModel.learning_rate_schedule"):
     with gin.unlock_config():
-      gin.parse_config_file("gin/runs/model_api.gin")
+      gin.parse_config_file(os.path.join(config.gin_dirs()[0], "runs", "model_api.gin"))
   t5_utils = sys.modules["t5.models.utils"]
   if not getattr(t5_utils.write_lines_to_file, "mtf_switch_patched", False):
     t5_utils.write_lines_to_file = _makedirs_first(t5_utils.write_lines_to_file)

@@ -96,6 +96,10 @@ def test_trains_st_moe_tiny_in_bfloat16_with_encoder_bpr(env, tmp_path):
       "--gin_param=encoder/SwitchFFN.batch_prioritized_routing=True"])
   first_loss = losses(model_dir)[0]
   assert np.isfinite(final_loss) and final_loss < first_loss - 1.0, (first_loss, final_loss)
+  # what ran is the model file's router (no input jitter), not a recipe's (tests/test_gin_layering)
+  operative = (model_dir / "operative_config.gin").read_text()
+  for stack in ("encoder", "decoder"):
+    assert "%s/SwitchFFN.router_policy = 'argmax'" % stack in operative
   names = dict(tf.train.list_variables(str(model_dir)))
   for stack, layer in (("encoder", 7), ("decoder", 11)):
     prefix = "%s/block_000/layer_%03d/" % (stack, layer)

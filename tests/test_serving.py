@@ -61,10 +61,31 @@ def serve(env, workdir, name, requests):
                name + "_requests.json", name + ".json")
 
 
+# A command-line binding must reach every mode (mtf_switch/config.py). Scoring: with capacity 1
+# per expert and group (min 4 by default) most tokens skip the Switch layers, so the scores
+# change. Decoding (this 40-step model's greedy decodes barely depend on its Switch layers): no
+# minimum makes the capacity round to 0, which the decoding graph must refuse.
+SMALL_CAPACITY = ["--gin_param=SwitchFFN.capacity_factor_eval=0.01",
+                  "--gin_param=SwitchFFN.min_capacity=1"]
+ZERO_CAPACITY = ["--gin_param=SwitchFFN.capacity_factor_eval=0.01",
+                 "--gin_param=SwitchFFN.min_capacity=0"]
+
+
+def failed(*runs):
+  """Waits for started (process, log) pairs that must fail; returns their logs."""
+  logs = []
+  for proc, log in runs:
+    assert proc.wait(timeout=900) != 0
+    with open(log) as f:
+      logs.append(f.read())
+  return logs
+
+
 @pytest.fixture(scope="module")
 def work(pretrained_switch, tmp_path_factory):
-  """Predicts, scores and exports the session's pretrained switch_tiny (step 40); serves the
-  exports. Each step's commands run concurrently."""
+  """Predicts, scores and exports the session's pretrained switch_tiny (step 40), and again with
+  SMALL_CAPACITY (scoring) and ZERO_CAPACITY (decoding); serves the exports. Each step's commands
+  run concurrently."""
   env, model_dir, _ = pretrained_switch
   work = tmp_path_factory.mktemp("serving")
   model = "--model_dir=%s" % model_dir
@@ -72,16 +93,28 @@ def work(pretrained_switch, tmp_path_factory):
   (work / "targets.txt").write_text("".join(s + "\n" for s in TARGETS))
   api = ["--use_model_api", model, "--batch_size=%d" % BATCH_SIZE,
          "--input_sequence_length=128", "--target_sequence_length=32"]
-  binary.finish(mtf(env, work, "predict", "--mode=predict", "--input_file=inputs.txt",
-             "--output_file=predictions.txt", *api),
-         mtf(env, work, "score", "--mode=score", "--input_file=inputs.txt",
-             "--target_file=targets.txt", "--output_file=scores", *api),
-         mtf(env, work, "export_predict", "--mode=export_predict", "--export_dir=export_predict",
-             *api),
-         mtf(env, work, "export_score", "--mode=export_score", "--export_dir=export_score", *api))
+  predict = ["--mode=predict", "--input_file=inputs.txt"] + api
+  score = ["--mode=score", "--input_file=inputs.txt", "--target_file=targets.txt"] + api
+  zero = [mtf(env, work, "predict_zero", *predict, "--output_file=zero.txt", *ZERO_CAPACITY)]
+  binary.finish(mtf(env, work, "predict", *predict, "--output_file=predictions.txt"),
+                mtf(env, work, "score", *score, "--output_file=scores"),
+                mtf(env, work, "score_small", *score, "--output_file=scores_small",
+                    *SMALL_CAPACITY))
+  zero.append(mtf(env, work, "export_predict_zero", "--mode=export_predict",
+                  "--export_dir=export_zero", *api, *ZERO_CAPACITY))
+  binary.finish(mtf(env, work, "export_predict", "--mode=export_predict",
+                    "--export_dir=export_predict", *api),
+                mtf(env, work, "export_score", "--mode=export_score", "--export_dir=export_score",
+                    *api),
+                mtf(env, work, "export_score_small", "--mode=export_score",
+                    "--export_dir=export_score_small", *api, *SMALL_CAPACITY))
+  requests = [{"inputs": INPUTS, "targets": TARGETS},
+              {"inputs": INPUTS[:2], "targets": TARGETS[:2]}]
   binary.finish(serve(env, work, "export_predict", [{"inputs": INPUTS}]),
-         serve(env, work, "export_score", [{"inputs": INPUTS, "targets": TARGETS},
-                                           {"inputs": INPUTS[:2], "targets": TARGETS[:2]}]))
+                serve(env, work, "export_score", requests),
+                serve(env, work, "export_score_small", requests))
+  for name, log in zip(("predict_zero", "export_predict_zero"), failed(*zero)):
+    (work / (name + ".log")).write_text(log)
   return work
 
 
@@ -114,3 +147,26 @@ def test_export_score_answers_as_mode_score(work):
   assert len(full["targets"][2]) < 300
   # a smaller request gets as many answers as it has examples (patches._trim_to_request)
   assert len(part["scores"]) == 2 and part["targets"] == full["targets"][:2]
+
+
+def test_scores_count_and_lengths_include_eos(work):
+  """`.lengths` counts the tokens each score covers: the target's, its EOS, cut to 32."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import mtf_switch.tasks  # pylint: disable=g-import-not-at-top,unused-import
+  vocab = seqio.get_mixture_or_task("mtf_switch_span_corruption").output_features[
+      "targets"].vocabulary
+  lengths = np.loadtxt(work / "scores.lengths").astype(int).tolist()
+  assert lengths == [min(len(vocab.encode(t)) + 1, 32) for t in TARGETS]
+  assert lengths[1] == 1 and lengths[2] == 32
+
+
+def test_a_command_line_binding_reaches_every_inference_mode(work):
+  """SMALL_CAPACITY on the command line changes --mode=score and is built into the scoring
+  export (its answers equal the mode's with the same binding); ZERO_CAPACITY reaches the decoding
+  graphs of --mode=predict and export_predict, which refuse it."""
+  default, small = (np.loadtxt(work / ("scores%s.scores" % s)) for s in ("", "_small"))
+  assert np.abs(default - small).max() > 1e-2
+  _, (full, _) = served(work, "export_score_small")
+  np.testing.assert_allclose(full["scores"], small, rtol=1e-5)
+  for name in ("predict_zero", "export_predict_zero"):
+    assert "Expert capacity rounds to 0 tokens" in (work / (name + ".log")).read_text(), name
