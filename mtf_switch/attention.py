@@ -35,7 +35,9 @@ class SwitchSelfAttention(transformer_layers.SelfAttention):
     num_experts: E per projection. Default 4.
     group_size, capacity_factor_train, capacity_factor_eval, loss_coef, router_policy,
       init_scale: as for SwitchFFN (defaults 1024, 1.25, 2.0, 1e-2, "input_jitter", 1.0).
-      init_scale 1.0 keeps the dense projections' fan-in scale.
+      init_scale 1.0 keeps the dense projections' fan-in scale. At inference (decoding,
+      scoring, exports) the projections route without capacity, as SwitchFFN's default
+      dropless_predict = True.
   """
 
   def __init__(self, num_experts=4, group_size=1024, capacity_factor_train=1.25,
@@ -54,7 +56,7 @@ class SwitchSelfAttention(transformer_layers.SelfAttention):
         init_scale=init_scale, num_selected_experts=1, second_policy_train="all",
         second_policy_eval="all", second_threshold=0.2, batch_prioritized_routing=False,
         multiplicative_bias=False, no_token_left_behind=0, dispatch="auto", summaries=False,
-        dropless_train=False, dropless_eval=False)
+        dropless_train=False, dropless_eval=False, dropless_predict=True)
 
   def make_params(self, context):
     heads = [mtf.Dimension("heads", self.num_heads)]
@@ -101,7 +103,8 @@ class _SwitchProjections(object):
           x, mtf.Dimension(dims[0].name, mtf.Shape(dims).size), train=context.train,
           variable_dtype=context.variable_dtype, layout=context.model.layout,
           mesh_shape=context.model.mesh_shape, nonpadding=nonpadding,
-          num_microbatches=context.num_microbatches)
+          num_microbatches=context.num_microbatches,
+          predict=layers.is_inference(context.mode))
     if context.losses is not None:
       context.losses.append(loss)
     return mtf.replace_dimensions(y, y.shape.dims[-1], dims)

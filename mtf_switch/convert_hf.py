@@ -73,7 +73,8 @@ model uses `PerSequenceSwitchFFN` (below): SwitchFFN with one routing group per 
 row of the batch), whatever the sequence length, and one token per group when decoding step
 by step (as HF's cached decoding, where a token is never dropped), with
 capacity_factor_train/_eval = 0 and min_capacity = expert_capacity, so that
-C = max(min(S, int(S * cf / E)), min_capacity) = expert_capacity, in training as in inference.
+C = max(min(S, int(S * cf / E)), min_capacity) = expert_capacity, in training as in inference
+(the operative config sets SwitchFFN.dropless_predict = False: HF drops at inference too).
 Scores do not depend on the batch size then. Remaining differences:
   - Padding: mtf_switch never routes padding tokens; HF routes them and lets them take
     capacity. With right padding (HF's tokenizers, the t5 binary) they come after every real
@@ -354,6 +355,9 @@ def operative_config(config, mixture_or_task, shared_inputs=True, hf_dir=""):
       "SwitchFFN.capacity_factor_train = 0.0",
       "SwitchFFN.capacity_factor_eval = 0.0",
       "SwitchFFN.min_capacity = %d" % config.expert_capacity,
+      "# HF also routes inference with that capacity (mtf_switch's default there is dropless);",
+      "# one group per sequence keeps requests apart either way.",
+      "SwitchFFN.dropless_predict = False",
       "SwitchFFN.router_policy = %r" % ("input_jitter" if config.router_jitter_noise else
                                         "argmax"),
       "SwitchFFN.jitter_eps = %r" % float(config.router_jitter_noise),

@@ -15,13 +15,13 @@ M d_model. All implementations compute the same outputs and gradients with the s
   "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
     gather.
 
-Dropless routing (SwitchFFN.dropless_train / dropless_eval): assign_slots without a capacity
-keeps every used choice. The ragged dispatch then computes exactly the real tokens' choices, as
-with a capacity; einsum and gather need slots and use C = S (an expert can receive at most
-every token of a group, each token choosing an expert once), so the experts compute E * S rows
-per group (E times a dense layer's) and the einsum's [O, G, S, E, C = S] dispatch and combine
-tensors take 4 * S * E bytes per token each (float32); check_dropless_einsum refuses them above
-DROPLESS_EINSUM_MAX_BYTES per device.
+Dropless routing (SwitchFFN.dropless_train / dropless_eval / dropless_predict, the last on by
+default): assign_slots without a capacity keeps every used choice. The ragged dispatch then
+computes exactly the real tokens' choices, as with a capacity; einsum and gather need slots and
+use C = S (an expert can receive at most every token of a group, each token choosing an expert
+once), so the experts compute E * S rows per group (E times a dense layer's) and the einsum's
+[O, G, S, E, C = S] dispatch and combine tensors take 4 * S * E bytes per token each (float32);
+check_dropless_einsum refuses them above DROPLESS_EINSUM_MAX_BYTES per device.
 """
 import collections
 
@@ -88,10 +88,11 @@ def expert_capacity(group_size, num_experts, capacity_factor, min_capacity):
 DROPLESS_EINSUM_MAX_BYTES = 1 << 30
 
 
-def check_dropless_einsum(dispatch_shape, layout, mesh_shape, setting):
+def check_dropless_einsum(dispatch_shape, layout, mesh_shape, setting, inference=False):
   """Raises ValueError if the float32 einsum dispatch tensor `dispatch_shape` [O, G, S, E, C]
   takes more than DROPLESS_EINSUM_MAX_BYTES on one device (each dimension divided by the mesh
-  axis the layout splits it over). `setting`: the gin parameter that asked for it."""
+  axis the layout splits it over). `setting`: the gin parameter that asked for it; inference:
+  whether it is SwitchFFN.dropless_predict (decoding, scoring, exports: on by default)."""
   local = [d.size // mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d)
            for d in dispatch_shape.dims]
   num_bytes = 4 * int(np.prod(local))
@@ -102,16 +103,20 @@ def check_dropless_einsum(dispatch_shape, layout, mesh_shape, setting):
   # bytes = 4 * tokens * S * E: the largest group size that fits
   fitting = DROPLESS_EINSUM_MAX_BYTES // (4 * tokens * num_experts)
   smaller = ("lower SwitchFFN.group_size to at most %d, " % fitting) if fitting >= 1 else ""
+  capped = ("route with a capacity (%s = False; at inference a request's answer then depends "
+            "on the other requests of its batch)" if inference else
+            "route with a capacity (%s = False)") % setting
   raise ValueError(
-      "%s = True with the einsum dispatch (SwitchFFN.dispatch='einsum', or 'auto' on TPU) "
+      "%s = True%s with the einsum dispatch (SwitchFFN.dispatch='einsum', or 'auto' on TPU) "
       "uses capacity C = S = %d: its one-hot dispatch tensor [groups, S, E, C] takes %d "
       "tokens x %d x %d experts x 4 bytes = %.2f GiB per device (float32; the combine tensor "
       "as much again), over the limit of %.2f GiB (mtf_switch.dispatch."
       "DROPLESS_EINSUM_MAX_BYTES). It grows as tokens x S x E: %suse SwitchFFN.dispatch="
       "'gather' (slots of tokens x E x d_model) or 'ragged' (off TPU, experts not split over "
-      "the mesh: computes only the real tokens), or route with a capacity (%s = False)." % (
-          setting, capacity, tokens, group_size, num_experts, num_bytes / 2.0 ** 30,
-          DROPLESS_EINSUM_MAX_BYTES / 2.0 ** 30, smaller, setting))
+      "the mesh: computes only the real tokens), or %s." % (
+          setting, " (the default at inference: decoding, scoring and exports)" if inference
+          else "", capacity, tokens, group_size, num_experts, num_bytes / 2.0 ** 30,
+          DROPLESS_EINSUM_MAX_BYTES / 2.0 ** 30, smaller, capped))
 
 
 def assign_slots(router, nonpadding, experts_dim, group_dim, capacity_dim,

@@ -5,10 +5,12 @@ r"""What a configuration makes each Switch layer do, before booking hardware:
 
 parses the gin files and bindings as t5_mesh_transformer does (mtf_switch/config.py), builds the
 model for the recipe's batch, lengths, mesh and layout, in training and in evaluation, without
-allocating anything, and prints one row per Switch layer and mode: experts E, experts per token
-k, routing groups x group size S, capacity factor, expert capacity C per group, router policy,
-the dispatch `auto` resolves to on this machine, loss coefficients c_B and c_z, init scale. A
-bad gin file or binding: one line on stderr, exit status 1.
+allocating anything, and prints one row per Switch layer and mode (train, eval, and predict:
+decoding, scoring and the exports, as --mode=score builds them): experts E, experts per token
+k, routing groups x group size S, capacity factor (`dropless`: no capacity, SwitchFFN.dropless_*),
+expert capacity C per group, router policy, the dispatch `auto` resolves to on this machine,
+loss coefficients c_B and c_z, init scale. A bad gin file or binding: one line on stderr, exit
+status 1.
 """
 import json
 import sys
@@ -27,8 +29,8 @@ from mtf_switch import layers
 
 def switch_layers(mode):
   """Builds the configured model (utils.run's model type, batch, lengths, mesh and layout) in
-  `mode` (tf.estimator.ModeKeys.TRAIN or EVAL) without allocating anything; returns each Switch
-  layer's settings (layers.LAYERS) as dicts."""
+  `mode` (tf.estimator.ModeKeys.TRAIN, EVAL or PREDICT, built as scoring is) without allocating
+  anything; returns each Switch layer's settings (layers.LAYERS) as dicts."""
   query = gin.query_parameter
   lengths = query("utils.run.sequence_length")
   mesh_shape = query("utils.run.mesh_shape")
@@ -57,6 +59,8 @@ def switch_layers(mode):
     return [json.loads(s) for s in tf.get_collection(layers.LAYERS)]
 
 
+MODES = ((tf.estimator.ModeKeys.TRAIN, "train"), (tf.estimator.ModeKeys.EVAL, "eval"),
+         (tf.estimator.ModeKeys.PREDICT, "predict"))
 COLUMNS = (("layer", "scope"), ("E", "num_experts"), ("k", "num_selected_experts"),
            ("groups x S", None), ("cf", "capacity_factor"), ("C", "expert_capacity"),
            ("router", "router_policy"), ("dispatch", "dispatch"), ("c_B", "loss_coef"),
@@ -64,12 +68,16 @@ COLUMNS = (("layer", "scope"), ("E", "num_experts"), ("k", "num_selected_experts
 
 
 def table():
-  """The Switch layers in training and evaluation as text, one row per layer and mode."""
+  """The Switch layers in training, evaluation and inference as text, one row per layer and
+  mode."""
   rows = []
-  for mode in (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL):
+  for mode, name in MODES:
     for layer in switch_layers(mode):
-      cells = [mode]
+      cells = [name]
       for title, key in COLUMNS:
+        if layer["dropless"] and key in ("capacity_factor", "expert_capacity"):
+          cells.append("dropless" if key == "capacity_factor" else "-")
+          continue
         cells.append("%dx%d" % (layer["groups"], layer["group_size"]) if key is None
                      else layer["scope"][:-len("MoE1D/")] if key == "scope" else
                      str(layer[key]))
@@ -87,8 +95,8 @@ def main(argv):
   try:
     config.parse(fl.gin_file or (), fl.gin_param or ())
     print(table() or "no Switch layer")
-    print("(C: expert capacity per group of S tokens; dispatch: what `auto` resolves to on this "
-          "machine, einsum on a TPU)")
+    print("(C: expert capacity per group of S tokens; dropless: no capacity, no token dropped; "
+          "dispatch: what `auto` resolves to on this machine, einsum on a TPU)")
   except Exception as e:  # pylint: disable=broad-except  (one line, no traceback)
     sys.exit("error: %s" % " ".join(str(e).split()))
 

@@ -106,25 +106,37 @@ class SwitchFFN(transformer.TransformerLayer):
     capacity_factor_train / capacity_factor_eval: cf in C = S * cf / E (paper Eq. 3 and
       Sec. 2.2; the paper trains with 1.25 and evaluates with 2.0). Defaults 1.25 / 2.0.
       With k > 1 all k choices share the capacity (first choices are placed first).
-      Ignored where dropless_train / dropless_eval is set. (0 is not dropless: it leaves
-      C = min_capacity, which the Hugging Face import uses for a fixed capacity.)
+      Ignored where dropless_train / dropless_eval / dropless_predict is set; inference is
+      dropless by default, so capacity_factor_eval is evaluation's, and inference's only with
+      dropless_predict = False. (0 is not dropless: it leaves C = min_capacity, which the
+      Hugging Face import uses for a fixed capacity.)
     min_capacity: lower bound on C per group (mesh-tensorflow's min_expert_capacity). Default 4.
-    dropless_train / dropless_eval: dropless routing in training / in evaluation and inference
-      (every mode with train=False: eval, score, predict, export): no capacity, no token is
-      dropped, so a token's output no longer depends on the other tokens of its group. Not in
-      the Switch paper, which always routes with a capacity (Sec. 2.2: a token over capacity
-      is carried by the residual only); the "dropless" MoE of MegaBlocks (Gale et al. 2022).
-      Cost per dispatch: "ragged" computes exactly the real tokens' choices, as with a
-      capacity (no slack at all); "einsum" and "gather" use C = S slots per expert (an expert
-      can receive every token of its group), so the experts compute E * S rows per group, E
-      times a dense FFN, and the einsum's one-hot [groups, S, E, C = S] dispatch and combine
-      tensors take 4 * S * E bytes per token each (float32): with S = 1024 and E = 128, 512 KiB
-      per token. Building that tensor above 1 GiB per device
-      (dispatch.DROPLESS_EINSUM_MAX_BYTES) is an error; lower group_size or use the gather or
-      ragged dispatch. Top-k, batch_prioritized_routing and no_token_left_behind combine with
-      it (nothing is over capacity, so BPR's order and NTLB's rerouting change nothing); the
-      balance loss is unchanged (it counts first choices before capacity) and the summaries
-      report dropped_fraction 0. Defaults False / False (the paper's capacity-limited routing).
+    dropless_train / dropless_eval / dropless_predict: dropless routing in training (estimator
+      mode TRAIN) / in evaluation (mode EVAL: perplexity_eval, a distillation teacher) / at
+      inference (mode PREDICT: --mode=predict and score, export_predict and export_score, task
+      evaluation's decodes, MtfModel.predict/score/eval/export; the modes "score",
+      "first_part" and "incremental" that scoring and step-by-step decoding build): no
+      capacity, no token is dropped, so a token's output no longer depends on the other tokens
+      of its group. Not in the Switch paper, which always routes with a capacity (Sec. 2.2: a
+      token over capacity is carried by the residual only); the "dropless" MoE of MegaBlocks
+      (Gale et al. 2022). Cost per dispatch: "ragged" computes exactly the real tokens'
+      choices, as with a capacity (no slack at all); "einsum" and "gather" use C = S slots per
+      expert (an expert can receive every token of its group), so the experts compute E * S
+      rows per group, E times a dense FFN, and the einsum's one-hot [groups, S, E, C = S]
+      dispatch and combine tensors take 4 * S * E bytes per token each (float32): with S = 1024
+      and E = 128, 512 KiB per token. Building that tensor above 1 GiB per device
+      (dispatch.DROPLESS_EINSUM_MAX_BYTES) is an error naming the setting; lower group_size or
+      use the gather or ragged dispatch. Top-k, batch_prioritized_routing and
+      no_token_left_behind combine with it (nothing is over capacity, so BPR's order and NTLB's
+      rerouting change nothing); the balance loss is unchanged (it counts first choices before
+      capacity) and the summaries report dropped_fraction 0. Defaults False / False / True:
+      the paper's capacity-limited routing (cf 1.25 / 2.0) in training and evaluation, and
+      batch-independent inference, so that a served model's answer to one request never
+      depends on the other requests of its batch (greedy decodes identical and scores equal to
+      float rounding alone, padded or in any batch; 2nd..k-th choices by "random" are drawn at
+      random, see second_policy_eval). dropless_predict = False routes inference with
+      capacity_factor_eval as the paper and mesh-tensorflow's MoE1D do (answers then depend on
+      the batch).
     router_policy: exploration during training, one of "argmax", "input_jitter",
       "input_dropout" (paper Table 11; input_jitter is the paper's choice). Default input_jitter.
     jitter_eps: eps of the multiplicative U[1-eps, 1+eps] jitter (Table 11). Default 1e-2.
@@ -143,6 +155,9 @@ class SwitchFFN(transformer.TransformerLayer):
     second_policy_train / second_policy_eval: which 2nd..k-th choices are used: "all", "none",
       "threshold" (gate > second_threshold) or "random" (with probability min(1, gate /
       second_threshold), GShard and mesh-tensorflow's default). Defaults "random" / "random".
+      second_policy_eval also applies at inference, where "random" draws each token's use of
+      its 2nd..k-th choices anew at every run and position in the batch: serve a top-k model
+      with "all", "none" or "threshold" for answers that depend on the request alone.
     second_threshold: threshold of those policies (GShard / mesh-tensorflow: 0.2). Default 0.2.
     batch_prioritized_routing: within a group, tokens with a higher top-1 router probability
       take capacity first (ST-MoE App. D) instead of tokens that come first. Encoder only: it
@@ -172,7 +187,7 @@ class SwitchFFN(transformer.TransformerLayer):
                second_policy_train="random", second_policy_eval="random", second_threshold=0.2,
                batch_prioritized_routing=False, multiplicative_bias=False,
                no_token_left_behind=0, dispatch="auto", summaries=True, dropless_train=False,
-               dropless_eval=False):
+               dropless_eval=False, dropless_predict=True):
     routing.check_policy(router_policy)
     routing.check_second_policy(second_policy_train)
     routing.check_second_policy(second_policy_eval)
@@ -215,6 +230,7 @@ class SwitchFFN(transformer.TransformerLayer):
     self.summaries = summaries
     self.dropless_train = dropless_train
     self.dropless_eval = dropless_eval
+    self.dropless_predict = dropless_predict
 
   # Whether the experts have a ragged implementation (experts.ragged_expert_ffn).
   RAGGED = True
@@ -238,21 +254,31 @@ class SwitchFFN(transformer.TransformerLayer):
         variable_dtype=context.variable_dtype, layout=context.model.layout,
         mesh_shape=context.model.mesh_shape, nonpadding=context.nonpadding,
         num_microbatches=context.num_microbatches,
-        summaries=context.mode in (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL))
+        summaries=context.mode in (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL),
+        predict=is_inference(context.mode))
     if context.losses is not None:
       context.losses.append(aux_loss)
     return y
 
   def apply(self, x, output_dim, train, variable_dtype, layout="", mesh_shape="",
-            nonpadding=None, num_microbatches=None, summaries=None):
+            nonpadding=None, num_microbatches=None, summaries=None, predict=False):
     """The layer as a function: returns (y, c_B L_B + c_z L_z in x.dtype). With
-    `self.summaries`, records the routing summaries if `summaries` (default: if training)."""
+    `self.summaries`, records the routing summaries if `summaries` (default: if training).
+    predict: inference (is_inference of the context's mode), routed as dropless_predict says;
+    otherwise training or evaluation, as `train` says."""
+    if train and predict:
+      raise ValueError("SwitchFFN.apply: train and predict are exclusive.")
     with _checkpoint_scope(type(self).__name__):
       return self._apply(x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
-                         num_microbatches, train if summaries is None else summaries)
+                         num_microbatches, train if summaries is None else summaries, predict)
+
+  def _routing_mode(self, train, predict):
+    """("train" | "eval" | "predict", whether that mode is dropless)."""
+    mode = "train" if train else "predict" if predict else "eval"
+    return mode, getattr(self, "dropless_" + mode)
 
   def _apply(self, x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
-             num_microbatches, summaries):
+             num_microbatches, summaries, predict):
     orig_dims = x.shape.dims[:-1]
     model_dim = x.shape.dims[-1]
     if orig_dims[0].name == "outer_batch":  # Expert replication (mesh-tensorflow convention).
@@ -269,7 +295,7 @@ class SwitchFFN(transformer.TransformerLayer):
     groups_dim = mtf.Dimension(batch_dim.name, num_groups)
     group_dim = mtf.Dimension("group", group_size)
     cf = self.capacity_factor_train if train else self.capacity_factor_eval
-    dropless = self.dropless_train if train else self.dropless_eval
+    mode, dropless = self._routing_mode(train, predict)
     # Dropless: no capacity cut; the slot dispatches (einsum, gather) get C = S.
     capacity_dim = mtf.Dimension("expert_capacity", group_size if dropless else
                                  dispatch_lib.expert_capacity(group_size, self.num_experts, cf,
@@ -320,7 +346,7 @@ class SwitchFFN(transformer.TransformerLayer):
     experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
                         for d in (experts_dim, hidden_dim))
     implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
-    self._record(train, num_groups, group_size, capacity_dim.size, implementation)
+    self._record(mode, dropless, num_groups, group_size, capacity_dim.size, implementation)
     if implementation == "ragged":
       choices_dim = mtf.Dimension("choices", len(slots.rounds))
       expert, gate = dispatch_lib.kept_experts(slots, experts_unsplit, choices_dim)
@@ -336,7 +362,7 @@ class SwitchFFN(transformer.TransformerLayer):
       if dropless:
         dispatch_lib.check_dropless_einsum(
             mtf.Shape(grouped + [experts_unsplit, capacity_dim]), layout, mesh_shape,
-            "SwitchFFN.dropless_" + ("train" if train else "eval"))
+            "SwitchFFN.dropless_" + mode, inference=predict)
       mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
     else:
       mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)
@@ -355,18 +381,28 @@ class SwitchFFN(transformer.TransformerLayer):
     y = mover.combine(expert_outputs, mtf.Shape(grouped + [output_dim]))
     return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
 
-  def _record(self, train, num_groups, group_size, capacity, implementation):
-    """Adds this layer's effective settings to the LAYERS collection."""
+  def _record(self, mode, dropless, num_groups, group_size, capacity, implementation):
+    """Adds this layer's effective settings to the LAYERS collection (expert_capacity: C of the
+    slot dispatches, S when dropless)."""
+    train = mode == "train"
     settings = {name: getattr(self, name) for name in (
         "num_experts", "num_selected_experts", "hidden_size", "activation", "router_policy",
         "loss_coef", "router_z_loss_coef", "init_scale", "batch_prioritized_routing",
         "no_token_left_behind", "expert_dropout_rate")}
     settings.update(
-        scope=tf.get_variable_scope().name + "/", train=bool(train), groups=num_groups,
+        scope=tf.get_variable_scope().name + "/", train=train, mode=mode,
+        dropless=bool(dropless), groups=num_groups,
         group_size=group_size, expert_capacity=capacity, dispatch=implementation,
         capacity_factor=self.capacity_factor_train if train else self.capacity_factor_eval,
         second_policy=self.second_policy_train if train else self.second_policy_eval)
     tf.add_to_collection(LAYERS, json.dumps(settings))
+
+
+def is_inference(mode):
+  """Whether a transformer.Context mode is inference: estimator mode PREDICT and the modes it
+  builds (t5's "score" for --mode=score and export_score, "first_part" and "incremental" for
+  step-by-step decoding); TRAIN and EVAL are training and evaluation."""
+  return mode not in (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL)
 
 
 def _resplit(t, leading_dims, last_dim):

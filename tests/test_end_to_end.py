@@ -19,6 +19,11 @@ def env(tmp_path_factory):
   return binary.environment(tmp_path_factory.mktemp("cache"))
 
 
+# MoE1D routes inference with its capacity (cf 2.0); SwitchFFN is dropless there by default, so
+# the interchange tests pin the capacity-limited routing both layers share.
+CAPACITY_AT_INFERENCE = ("SwitchFFN.dropless_predict=False",)
+
+
 def score(env, model_dir, model_gin, tmp_path, *gin_params):
   inputs, targets = tmp_path / "inputs.txt", tmp_path / "targets.txt"
   inputs.write_text("Return the number of items in a container.\n"
@@ -62,14 +67,14 @@ def test_moe1d_checkpoint_scores_identically_under_switch_ffn(env, tmp_path):
   model_dir = tmp_path / "moe1d"
   binary.train(env, model_dir, MOE1D_GIN, 10, *binary.SMALL)
   by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *binary.SMALL)
-  by_switch = score(env, model_dir, SWITCH_GIN, tmp_path, *binary.SMALL)
+  by_switch = score(env, model_dir, SWITCH_GIN, tmp_path, *binary.SMALL, *CAPACITY_AT_INFERENCE)
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
   np.testing.assert_allclose(by_switch, by_moe1d, rtol=1e-5)  # float32 rounding (dispatch)
 
 
 def test_switch_ffn_checkpoint_scores_identically_under_moe1d(pretrained_switch, tmp_path):
   env, switch_dir, _ = pretrained_switch
-  by_switch = score(env, switch_dir, SWITCH_GIN, tmp_path, *binary.SMALL)
+  by_switch = score(env, switch_dir, SWITCH_GIN, tmp_path, *binary.SMALL, *CAPACITY_AT_INFERENCE)
   by_moe1d = score(env, switch_dir, MOE1D_GIN, tmp_path, *binary.SMALL)
   assert by_switch.shape == (3,) and np.all(by_switch < 0)
   np.testing.assert_allclose(by_moe1d, by_switch, rtol=1e-5)
