@@ -61,14 +61,15 @@ def serve(env, workdir, name, requests):
                name + "_requests.json", name + ".json")
 
 
-# A command-line binding must reach every mode (mtf_switch/config.py). Scoring: with capacity 1
-# per expert and group (min 4 by default) most tokens skip the Switch layers, so the scores
-# change. Decoding (this 40-step model's greedy decodes barely depend on its Switch layers): no
-# minimum makes the capacity round to 0, which the decoding graph must refuse.
-SMALL_CAPACITY = ["--gin_param=SwitchFFN.capacity_factor_eval=0.01",
+# A command-line binding must reach every mode (mtf_switch/config.py). Both ask for inference with
+# capacity (dropless_predict = False). Scoring: with capacity 1 per expert and group (min 4 by
+# default) most tokens skip the Switch layers, so the scores change. Decoding (this 40-step
+# model's greedy decodes barely depend on its Switch layers): no minimum makes the capacity round
+# to 0, which the decoding graph must refuse.
+SMALL_CAPACITY = ["--gin_param=SwitchFFN.dropless_predict=False",
+                  "--gin_param=SwitchFFN.capacity_factor_eval=0.01",
                   "--gin_param=SwitchFFN.min_capacity=1"]
-ZERO_CAPACITY = ["--gin_param=SwitchFFN.capacity_factor_eval=0.01",
-                 "--gin_param=SwitchFFN.min_capacity=0"]
+ZERO_CAPACITY = SMALL_CAPACITY[:2] + ["--gin_param=SwitchFFN.min_capacity=0"]
 
 
 def failed(*runs):
