@@ -5,9 +5,11 @@ wi, or wi_0/wi_1 for gated units, and wo, each [experts, in, out]):
   expert_ffn: over capacity slots [O, E, G, C, M] (einsum/gather dispatch; experts may be split
     over a mesh axis). Every slot is computed, filled or not: E * C = cf * S rows per group.
   ragged_expert_ffn: over the tokens [O, G, S, M] themselves, each multiplied by its own
-    expert's weights (rows grouped by expert on each device, one matmul per expert); only kept
-    tokens are computed. Needs every expert's weights on every device; activations are
-    reimplemented in TensorFlow (ACTIVATIONS: every elementwise activation of mtf).
+    expert's weights (rows grouped by expert on each device, one matmul per expert; outside
+    training, when a device holds no more rows than experts, as when decoding, each row times
+    its own gathered expert weights); only kept tokens are computed. Needs every expert's
+    weights on every device; activations are reimplemented in TensorFlow (ACTIVATIONS: every
+    elementwise activation of mtf).
 """
 import collections
 
@@ -69,7 +71,12 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
 
   def forward(x, ids, *ws):
     rows = tf.reshape(x, [-1, model_dim.size])
-    segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size)
+    tokens = x.shape[:-1].num_elements()  # on this device (static)
+    if (not train and tokens is not None and
+        per_token_weights(tokens * choices, experts_dim.size, ws)):
+      return _per_token(rows, ids, ws, tf_activations, choices, experts_dim.size,
+                        multiplicative_bias)
+    segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size, small=not train)
     # segment entries index (token, choice) pairs: token = entry // K (padding -> zero row)
     xs = tf.split(tf.gather(_with_zero_row(rows), segments.source // choices), segments.sizes,
                   num=experts_dim.size)
@@ -118,21 +125,67 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
 
 
 # Row counts per expert change every step; padding each expert's segment to a multiple of ROWS
-# lets the CPU matmul kernels (oneDNN) reuse their cached per-shape primitives.
+# lets the CPU matmul kernels (oneDNN) reuse their cached per-shape primitives. Outside training
+# (small=True) a segment of fewer than ROWS rows is padded to the next power of two instead, so
+# that decoding (a few tokens per step) does not compute ROWS rows per expert it uses.
 ROWS = 128
+# Outside training, at most this many bytes of gathered expert weights per device (see
+# per_token_weights).
+PER_TOKEN_MAX_BYTES = 1 << 28
+
+
+def per_token_weights(entries, num_experts, weights):
+  """Whether to multiply each of `entries` (token, choice) rows by its own expert's gathered
+  weights (_per_token) rather than by per-expert segments: when there are no more rows than
+  experts (decoding: a token per sequence and step), so that the gathered copies weigh no more
+  than the distinct experts the segments would read, and they fit PER_TOKEN_MAX_BYTES. It does
+  a dense layer's arithmetic per row and a constant number of ops, where the segments take a
+  few ops per expert."""
+  per_row = sum(w.shape[1:].num_elements() * w.dtype.size for w in weights)
+  return entries <= num_experts and entries * per_row <= PER_TOKEN_MAX_BYTES
+
+
+def _per_token(rows, ids, weights, activations, choices, num_experts, multiplicative_bias):
+  """The experts for rows [T, M] (tokens) and ids [..., K] (each token's K experts, E = none):
+  every (token, choice) row times its gathered expert weights; [..., K, N]."""
+  flat_ids = tf.reshape(ids, [-1])
+  entries = tf.gather(rows, tf.range(tf.size(flat_ids)) // choices) if choices > 1 else rows
+  expert = tf.minimum(flat_ids, num_experts - 1)
+  wi, wo = weights[:len(activations)], weights[len(activations)]
+  h = None
+  for act, w in zip(activations, wi):
+    factor = act(tf.einsum("rm,rmh->rh", entries, tf.gather(w, expert)))
+    h = factor if h is None else h * factor
+  if multiplicative_bias:
+    h *= tf.gather(weights[-1], expert)
+  y = tf.einsum("rh,rhn->rn", h, tf.gather(wo, expert))
+  y *= tf.cast(flat_ids < num_experts, y.dtype)[:, tf.newaxis]  # no expert: 0
+  return tf.reshape(y, tf.concat([tf.shape(ids), [tf.shape(y)[-1]]], 0))
+
 
 Segments = collections.namedtuple("Segments", ["source", "sizes"])
 
 
-def _segments(ids, num_experts):
+def _next_power_of_two(n):
+  """2^ceil(log2(n)) of int32 n >= 1 (n < 2^16), 0 for 0."""
+  m = n - 1
+  for shift in (1, 2, 4, 8):
+    m = tf.bitwise.bitwise_or(m, tf.bitwise.right_shift(m, shift))
+  return tf.where(n > 0, m + 1, tf.zeros_like(n))
+
+
+def _segments(ids, num_experts, small=False):
   """Layout of the padded per-expert row buffer for the expert ids [T] of T entries
-  (num_experts = no expert).
+  (num_experts = no expert). small: segments under ROWS rows padded to a power of two.
 
   Returns (Segments(source: [R] entry of each buffer row, T for padding; sizes: [E] rows per
   expert segment), back: [T] buffer row of each entry, R for entries without an expert)."""
   num_tokens = tf.shape(ids)[0]
   counts = tf.math.bincount(ids, minlength=num_experts + 1, maxlength=num_experts + 1)
   sizes = (counts[:num_experts] + ROWS - 1) // ROWS * ROWS
+  if small:
+    sizes = tf.where(counts[:num_experts] < ROWS, _next_power_of_two(counts[:num_experts]),
+                     sizes)
   starts = tf.concat([tf.cumsum(sizes, exclusive=True), [tf.reduce_sum(sizes)]], 0)
   order = tf.argsort(ids, stable=True)
   sorted_ids = tf.gather(ids, order)
