@@ -8,19 +8,22 @@ one checkpoint with the same settings gave neg log perplexity -4.688 and -4.722)
   python benchmarks/dropless.py [--workdir /tmp/dropless_runs] [--experts 8 32] [--rounds 2]
                                 [--timing_steps 200]
 
-Round 1 trains every model for the main command's 600 steps, in turn, then evaluates the final
-checkpoint with the README's held-out command (perplexity_eval.gin on the `validation` split),
+First every model trains for the main command's 600 steps, in turn, then its final checkpoint
+is evaluated with the README's held-out command (perplexity_eval.gin on the `validation` split),
 Switch models twice: with the paper's evaluation capacity factor 2.0 and dropless
-(SwitchFFN.dropless_eval = True). Further rounds (in reverse order, so that machine noise hits
-all models alike) only time `timing_steps` training steps. Step time is the median of
-t5_mesh_transformer's `global_step/sec` reports after the first (which includes start-up) over
-all rounds. Prints a markdown table and writes WORKDIR/results.json. Runs whose WORKDIR/<name>
-holds a result.json of the same command are not run again.
+(SwitchFFN.dropless_eval = True). Then `rounds` timing rounds (the order of the models reversed
+every other round, so that machine noise hits all alike) resume each model's 600-step checkpoint
+(trained routing, hence trained load imbalance) for `timing_steps` more steps, and record the
+process' CPU seconds (all threads; the least disturbed by other work on the machine) and wall
+seconds per step between its first global_step/sec report (start-up done) and its last. Step
+time is the median over rounds. Prints a markdown table and writes WORKDIR/results.json.
+Trainings whose WORKDIR/<name> holds a result.json of the same command are not run again.
 """
 import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,13 +145,58 @@ def quality_run(name, model_gin, params, workdir, seed):
   return result
 
 
+def timed_binary(cmd, log_path):
+  """Runs cmd; returns (CPU seconds, wall seconds, global_step/sec reports) of its process (all
+  threads) between its first global_step/sec report (start-up done) and its last, sampled from
+  /proc every 0.2 s. CPU time is what the other work on the machine disturbs least."""
+  tick = os.sysconf("SC_CLK_TCK")
+  with open(log_path, "w") as log:
+    log.write(" ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+  samples = []  # (reports so far, CPU seconds, wall seconds)
+  while proc.poll() is None:
+    try:
+      with open("/proc/%d/stat" % proc.pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+      break
+    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    with open(log_path) as f:
+      reports = len(re.findall(r"^INFO:tensorflow:global_step/sec", f.read(), re.M))
+    samples.append((reports, cpu, time.time()))
+    time.sleep(0.2)
+  if proc.wait():
+    sys.exit("failed: %s\nsee %s" % (" ".join(cmd), log_path))
+  last = max(n for n, _, _ in samples)
+  first = next(x for x in samples if x[0] >= 1)
+  end = next(x for x in samples if x[0] == last)
+  return end[1] - first[1], end[2] - first[2], end[0] - first[0]
+
+
 def timing_run(name, model_gin, params, workdir, steps, round_index, seed):
+  """Resumes the quality run's 600-step checkpoint (trained routing) for `steps` more steps;
+  returns {cpu_s_per_step, wall_s_per_step, rates}."""
+  source = os.path.join(workdir, name)
   model_dir = os.path.join(workdir, "timing%d" % round_index, name)
-  os.makedirs(model_dir, exist_ok=True)
-  log = run_binary(command(model_dir, model_gin, params + [
-      "utils.run.train_steps=%d" % steps, "utils.run.save_checkpoints_steps=%d" % steps],
-                           seed), os.path.join(model_dir, "train.log"))
-  return rates(log)
+  if os.path.exists(model_dir):
+    shutil.rmtree(model_dir)
+  os.makedirs(model_dir)
+  for f in os.listdir(source):
+    if f.startswith("model.ckpt-600.") or f == "checkpoint":
+      shutil.copy(os.path.join(source, f), model_dir)
+  with open(os.path.join(model_dir, "checkpoint"), "w") as f:
+    f.write('model_checkpoint_path: "model.ckpt-600"\n')
+  log_path = os.path.join(model_dir, "train.log")
+  cpu, wall, reports = timed_binary(command(model_dir, model_gin, params + [
+      "utils.run.train_steps=%d" % (600 + steps),
+      "utils.run.save_checkpoints_steps=%d" % (600 + steps)], seed), log_path)
+  with open(log_path) as f:
+    log = f.read()
+  all_reports = len(rates(log)) + 1
+  per_report = steps / all_reports  # steps between two global_step/sec reports
+  return {"cpu_s_per_step": cpu / (reports * per_report),
+          "wall_s_per_step": wall / (reports * per_report), "rates": rates(log)}
 
 
 def main():
@@ -165,28 +213,35 @@ def main():
   for name, gin_file, params in runs:
     results[name] = quality_run(name, gin_file, params, args.workdir, args.seed)
     print("%s: %s" % (name, json.dumps(results[name]["eval"])), flush=True)
-  all_rates = {name: list(r["rates"]) for name, r in results.items()}
-  for i in range(1, args.rounds):
+  timings = {name: [] for name, _, _ in runs}
+  for i in range(1, args.rounds + 1):
     for name, gin_file, params in (runs[::-1] if i % 2 else runs):
-      all_rates[name] += timing_run(name, gin_file, params, args.workdir, args.timing_steps, i,
-                                    args.seed)
-  dense = statistics.median(all_rates["dense"])
+      timings[name].append(timing_run(name, gin_file, params, args.workdir, args.timing_steps,
+                                      i, args.seed))
+      print("round %d %s: %s" % (i, name, json.dumps({k: v for k, v in timings[name][-1].items()
+                                                       if k != "rates"})), flush=True)
+
+  def median(name, key):
+    return statistics.median(t[key] for t in timings[name])
+
+  fmt = lambda x: "-" if x is None else "%.3f" % x
   summary = []
-  print("| model | steps/s | step time / dense | dropped in training | held-out neg log "
-        "perplexity, eval cf 2.0 (dropped) | dropless eval |")
-  print("|---|---|---|---|---|---|")
+  print("| model | CPU s/step | CPU step time / dense | wall s/step | wall / dense | dropped in "
+        "training | held-out neg log perplexity, eval cf 2.0 (dropped) | dropless eval |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, _, _ in runs:
-    rate = statistics.median(all_rates[name])
     r = results[name]
-    cf2 = r["eval"]["cf2.0"]
-    dl = r["eval"].get("dropless")
-    fmt = lambda x: "-" if x is None else "%.3f" % x
-    print("| %s | %.2f | %.2f | %s | %.3f (%s) | %s |" % (
-        name, rate, dense / rate, fmt(r["dropped_in_training"]), cf2["neg_log_perplexity"],
-        fmt(cf2["dropped_fraction"]), "-" if dl is None else "%.3f (%s)" % (
-            dl["neg_log_perplexity"], fmt(dl["dropped_fraction"]))))
-    summary.append(dict(name=name, steps_per_s=rate, step_time_over_dense=dense / rate,
-                        rates=all_rates[name], **{k: r[k] for k in (
+    cf2, dl = r["eval"]["cf2.0"], r["eval"].get("dropless")
+    cpu, wall = median(name, "cpu_s_per_step"), median(name, "wall_s_per_step")
+    cpu_ratio = cpu / median("dense", "cpu_s_per_step")
+    wall_ratio = wall / median("dense", "wall_s_per_step")
+    print("| %s | %.3f | %.2f | %.3f | %.2f | %s | %.3f (%s) | %s |" % (
+        name, cpu, cpu_ratio, wall, wall_ratio, fmt(r["dropped_in_training"]),
+        cf2["neg_log_perplexity"], fmt(cf2["dropped_fraction"]), "-" if dl is None else
+        "%.3f (%s)" % (dl["neg_log_perplexity"], fmt(dl["dropped_fraction"]))))
+    summary.append(dict(name=name, cpu_s_per_step=cpu, cpu_over_dense=cpu_ratio,
+                        wall_s_per_step=wall, wall_over_dense=wall_ratio,
+                        timings=timings[name], **{k: r[k] for k in (
                             "dropped_in_training", "eval", "command")}))
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)
