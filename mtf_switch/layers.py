@@ -396,6 +396,11 @@ class SwitchFFN(transformer.TransformerLayer):
         capacity_factor=self.capacity_factor_train if train else self.capacity_factor_eval,
         second_policy=self.second_policy_train if train else self.second_policy_eval)
     tf.add_to_collection(LAYERS, json.dumps(settings))
+    tf.logging.info("Switch layer %s (%s): %d experts, k=%d, %d groups x %d tokens, %s, %s "
+                    "dispatch", settings["scope"], mode, self.num_experts,
+                    self.num_selected_experts, num_groups, group_size,
+                    "dropless" if dropless else "capacity %d per expert" % capacity,
+                    implementation)
 
 
 def is_inference(mode):

@@ -43,8 +43,9 @@ def parse(tag):
 def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
   """Adds the summaries of one layer (scope name `layer`) to the mesh-tensorflow graph."""
   requests = mtf.reduce_sum(slots.requests)
-  served = mtf.reduce_sum(mtf.add_n([r.kept for r in slots.rounds]),
-                          output_shape=mtf.Shape([experts_dim])) / mtf.maximum(requests, 1.0)
+  kept = mtf.reduce_sum(mtf.add_n([r.kept for r in slots.rounds]),
+                        output_shape=mtf.Shape([experts_dim]))
+  served = kept / mtf.maximum(requests, 1.0)
   num_tokens = mtf.reduce_sum(nonpadding)
   tokens = mtf.maximum(num_tokens, 1.0)
   probs = router.router_probs
@@ -52,8 +53,9 @@ def record(layer, router, slots, nonpadding, experts_dim, balance_loss, z_loss):
   routed = mtf.minimum(mtf.add_n([mtf.reduce_sum(r.kept, reduced_dim=experts_dim)
                                   for r in slots.rounds]), 1.0)
   values = {
-      "dropped_fraction": 1.0 - mtf.reduce_sum(served),
-      "unrouted_fraction": 1.0 - mtf.reduce_sum(routed * nonpadding) / tokens,
+      # From counts (exact in float32 below 2^24), so that dropless routing reports exactly 0.
+      "dropped_fraction": (requests - mtf.reduce_sum(kept)) / mtf.maximum(requests, 1.0),
+      "unrouted_fraction": (num_tokens - mtf.reduce_sum(routed * nonpadding)) / tokens,
       "router_entropy": mtf.reduce_sum(entropy * nonpadding) / tokens,
       "top1_gate": mtf.reduce_sum(router.choices[0].gate * nonpadding) / tokens,
       "balance_loss": balance_loss,

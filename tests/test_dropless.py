@@ -134,6 +134,19 @@ def test_summaries_report_nothing_dropped(variant, dispatch):
                                rtol=1e-6, err_msg=metric)
 
 
+def test_dropless_fractions_are_exactly_zero_at_a_realistic_size():
+  """1024 tokens over 8 experts: the fractions are computed from counts, so they are exactly 0
+  (here 1 - the routed tokens' float32 mean was 6e-8)."""
+  rng = np.random.RandomState(10)
+  x = rng.randn(8, 128, 16).astype(np.float32)
+  pad = (rng.rand(8, 128) > 0.1).astype(np.float32)
+  layer = layers.SwitchFFN(**dict(BASE, num_experts=8, group_size=1024, dropless_train=True,
+                                  dispatch="ragged"))
+  summaries = run_switch(layer, x, pad, train=True, summaries=True)[3]
+  assert _summary(summaries, "dropped_fraction") == 0.0
+  assert _summary(summaries, "unrouted_fraction") == 0.0
+
+
 @pytest.mark.parametrize("dispatch", DISPATCHES)
 def test_dropless_eval_and_train_are_separate_settings(dispatch):
   x, pad = _data()

@@ -16,6 +16,7 @@ file's final newline.) A Switch layer's output can depend on the rest of the bat
 capacity), so each path gets the same full batch.
 """
 import json
+import re
 import sys
 
 import numpy as np
@@ -63,7 +64,8 @@ def serve(env, workdir, name, requests):
 
 # A command-line binding must reach every mode (mtf_switch/config.py). Both ask for inference with
 # capacity (dropless_predict = False). Scoring: with capacity 1 per expert and group (min 4 by
-# default) most tokens skip the Switch layers, so the scores change. Decoding (this 40-step
+# default) most tokens skip the Switch layers, so the scores change (by 1e-5 to 1e-3 relative: a
+# 40-step model's Switch layers add little) and each layer logs its capacity. Decoding (this 40-step
 # model's greedy decodes barely depend on its Switch layers): no minimum makes the capacity round
 # to 0, which the decoding graph must refuse.
 SMALL_CAPACITY = ["--gin_param=SwitchFFN.dropless_predict=False",
@@ -165,9 +167,15 @@ def test_a_command_line_binding_reaches_every_inference_mode(work):
   """SMALL_CAPACITY on the command line changes --mode=score and is built into the scoring
   export (its answers equal the mode's with the same binding); ZERO_CAPACITY reaches the decoding
   graphs of --mode=predict and export_predict, which refuse it."""
-  default, small = (np.loadtxt(work / ("scores%s.scores" % s)) for s in ("", "_small"))
-  assert np.abs(default - small).max() > 1e-2
-  _, (full, _) = served(work, "export_score_small")
+  for name in ("score_small", "export_score_small"):  # the graph was built with capacity 1
+    built = re.findall(r"Switch layer (\w+)/\S+ \(predict\): .*, (capacity 1 per expert|dropless)",
+                       (work / (name + ".log")).read_text())
+    assert sorted(set(built)) == [("decoder", "capacity 1 per expert"),
+                                  ("encoder", "capacity 1 per expert")], (name, built)
+  small = np.loadtxt(work / "scores_small.scores")
+  (_, (default, _)), (_, (full, _)) = (served(work, n) for n in ("export_score", "export_score_small"))
   np.testing.assert_allclose(full["scores"], small, rtol=1e-5)
+  # full-precision scores of the two exports: apart by more than float32 rounding (~1e-7)
+  assert np.abs(np.array(full["scores"]) / default["scores"] - 1).max() > 1e-5
   for name in ("predict_zero", "export_predict_zero"):
     assert "Expert capacity rounds to 0 tokens" in (work / (name + ".log")).read_text(), name
