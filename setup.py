@@ -52,6 +52,6 @@ setuptools.setup(
     package_data={"mtf_switch.gin": ["**/*.gin"]},
     py_modules=["_mtf_switch_compat"],
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==8.3.4"]},
+    extras_require={"test": ["pytest==8.3.4", "pytest-xdist==3.6.1", "filelock"]},
     cmdclass={"build_py": BuildPyWithPth},
 )

@@ -34,8 +34,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mtf_switch import report  # pylint: disable=g-import-not-at-top
+from reproduce import BINARY, run_binary  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
-BINARY = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
 EVAL = ["--gin_file=perplexity_eval.gin", "--gin_param=eval_checkpoint_step=-1",
         "--gin_param=utils.run.dataset_split='validation'"]
 
@@ -57,16 +57,6 @@ def command(model_dir, model_gin, params, seed, *extra):
           "--gin_file=gin/runs/pretrain_cpu.gin", "--gin_file=gin/runs/seeded.gin",
           "--gin_param=SEED=%d" % seed] + ["--gin_param=" + p for p in params] + list(extra) + \
       ["--model_dir=" + model_dir]
-
-
-def run_binary(cmd, log_path):
-  with open(log_path, "w") as log:
-    log.write(" ".join(cmd) + "\n")
-    log.flush()
-    if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
-      sys.exit("failed: %s\nsee %s" % (" ".join(cmd), log_path))
-  with open(log_path) as log:
-    return log.read()
 
 
 def rates(log):

@@ -1,6 +1,9 @@
 """Shared fixtures: a clean gin config per test, a helper that runs a SwitchFFN on a CPU mesh,
 and one that reads a tf.data pipeline in graph mode."""
+import os
+
 import mtf_switch  # noqa: F401  (shim before mesh_tensorflow; registers gin configurables)
+import filelock
 import gin
 import mesh_tensorflow as mtf
 import numpy as np
@@ -10,14 +13,37 @@ import tensorflow.compat.v1 as tf
 tf.disable_v2_behavior()
 
 
+def _shared(tmp_path_factory, name):
+  """A directory of this test run, shared by its pytest-xdist workers (pytest.ini runs two)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the run's directory, above each worker's
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
 @pytest.fixture(scope="session")
-def pretrained_switch(tmp_path_factory):
-  """(environment, model_dir, final loss): a 2-layer switch_tiny pretrained for 40 steps on the
-  default corpus through t5_mesh_transformer, shared by the end-to-end tests."""
+def binary_env(tmp_path_factory):
+  """The environment of the binary runs: one corpus/vocabulary cache for the whole test run (a
+  fresh cache trains the default vocabulary first, ~25 s; its files are written atomically)."""
   import binary  # pylint: disable=g-import-not-at-top
-  env = binary.environment(tmp_path_factory.mktemp("cache"))
-  model_dir = tmp_path_factory.mktemp("pretrained") / "switch"
-  return env, model_dir, binary.train(env, model_dir, binary.SWITCH_GIN, 40, *binary.SMALL)
+  return binary.environment(_shared(tmp_path_factory, "cache"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_switch(binary_env, tmp_path_factory):
+  """(environment, model_dir, final loss): a 2-layer switch_tiny pretrained for 40 steps on the
+  default corpus through t5_mesh_transformer, shared by the end-to-end tests (trained once per
+  test run: the first worker to need it trains, the other waits)."""
+  import binary  # pylint: disable=g-import-not-at-top
+  root = _shared(tmp_path_factory, "pretrained")
+  with filelock.FileLock(str(root / "lock")):
+    loss_file = root / "final_loss"
+    if not loss_file.exists():
+      loss_file.write_text(repr(binary.train(binary_env, root / "switch", binary.SWITCH_GIN, 40,
+                                             *binary.SMALL)))
+  return binary_env, root / "switch", float(loss_file.read_text())
 
 
 @pytest.fixture(autouse=True)

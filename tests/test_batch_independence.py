@@ -284,7 +284,7 @@ for batch_size, name in ((1, "alone"), (16, "batched")):
 def _examples(env):
   """N span-corruption (input, target) pairs from lines of the default corpus (the cached
   corpus file of the pretrained model's environment): the middle word becomes <extra_id_0>."""
-  (path,) = glob.glob(os.path.join(env["MTF_SWITCH_CACHE"], "corpus-*.txt"))
+  (path,) = glob.glob(os.path.join(env["MTF_SWITCH_CACHE"], "corpus-py*.txt"))
   with open(path, encoding="utf-8") as f:
     lines = [l.split() for l in f.read().splitlines()]
   lines = [w for w in lines if 8 <= len(w) <= 20 and all(c.isalpha() for c in w[len(w) // 2])]

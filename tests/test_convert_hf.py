@@ -75,11 +75,11 @@ def hf_scores(model, examples):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, binary_env):
   """{case: (HF scores, HF drops, mtf scores, HF scores without capacity limit)}; the
   conversions and the scoring runs of both cases run concurrently."""
   work = tmp_path_factory.mktemp("convert_hf")
-  env = binary.environment(work / "cache")
+  env = binary_env
   (work / "inputs.txt").write_text("".join(s + "\n" for s in INPUTS))
   (work / "targets.txt").write_text("".join(s + "\n" for s in TARGETS))
   hf = {}

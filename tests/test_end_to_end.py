@@ -15,8 +15,8 @@ SWITCH_GIN = binary.SWITCH_GIN
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return binary.environment(tmp_path_factory.mktemp("cache"))
+def env(binary_env):
+  return binary_env
 
 
 # MoE1D routes inference with its capacity (cf 2.0); SwitchFFN is dropless there by default, so

@@ -23,7 +23,7 @@ def readme_example():
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_python_example_trains_evaluates_predicts_scores_and_exports(tmp_path):
+def test_the_readme_python_example_trains_evaluates_predicts_scores_and_exports(tmp_path, binary_env):
   code = readme_example()
   assert "gin.parse_config_file(\"gin/models/switch_tiny.gin\")" in code
   # the test's smaller switch_tiny (one sparse block per stack) and a 2-step run
@@ -33,7 +33,7 @@ def test_the_readme_python_example_trains_evaluates_predicts_scores_and_exports(
   code = code.replace("steps=600", "steps=2").replace("save_checkpoints_steps=200",
                                                         "save_checkpoints_steps=2")
   (tmp_path / "inputs.txt").write_text("Return the number of items in a container.\nOpen it.\n")
-  env = binary.environment(tmp_path / "cache")
+  env = binary_env
   proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-5000:]

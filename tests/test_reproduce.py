@@ -23,11 +23,11 @@ def values(model_dir):
           for n in reader.get_variable_to_shape_map()}
 
 
-def test_seeded_runs_repeat_and_the_seed_matters(tmp_path):
+def test_seeded_runs_repeat_and_the_seed_matters(tmp_path, binary_env):
   """Same SEED: the same variables after training (initialisation, data order, noise spans,
   router jitter; up to rounding) and the same held-out score; another SEED: different
   variables. Without seeded.gin, t5_mesh_transformer leaves TensorFlow's seed unset."""
-  env = binary.environment(tmp_path / "cache")
+  env = binary_env
   model = ["--gin_file=" + binary.SWITCH_GIN, "--gin_file=gin/runs/pretrain_cpu.gin",
            "--gin_file=gin/runs/seeded.gin"] + ["--gin_param=" + p for p in binary.SMALL + (
                "utils.run.train_steps=4", "utils.run.iterations_per_loop=2",
