@@ -15,6 +15,11 @@ M d_model. All implementations compute the same outputs and gradients with the s
   "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
     gather.
 
+Expert choice (SwitchFFN.router = "expert_choice") has no Slots: its router gives each slot
+its token (routing.ExpertChoice), EinsumDispatch.from_expert_choice builds MoE1D's one-hot
+[O, G, E, C, S] tensors from it, and SlotGatherDispatch gathers the slots' tokens (its
+"gather", and its "ragged": every slot holds a chosen token, there is no slack to skip).
+
 Dropless routing (SwitchFFN.dropless_train / dropless_eval / dropless_predict, the last on by
 default): assign_slots without a capacity keeps every used choice. The ragged dispatch then
 computes exactly the real tokens' choices, as with a capacity; einsum and gather need slots and

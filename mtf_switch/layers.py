@@ -181,6 +181,7 @@ class SwitchFFN(transformer.TransformerLayer):
       choice has no drops, so dropless routing does not apply: dropless_train / dropless_eval
       = True are errors, and inference routes with capacity_factor_eval whatever
       dropless_predict says (a token's output depends on the other tokens of its group).
+      Its "ragged" dispatch runs "gather" (every slot holds a chosen token).
       Default "top_k".
     expert_choice_softmax: for router "expert_choice", the axis of p: "tokens" (MoE1D: softmax
       over the group's tokens for each expert, gates divided by the number of experts a token
@@ -344,6 +345,8 @@ class SwitchFFN(transformer.TransformerLayer):
     experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
                         for d in (g.experts_dim, hidden_dim))
     implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
+    if implementation not in paths:  # expert choice: no slack for "ragged" to skip
+      implementation = "gather"
     self._record(g, implementation)
     y = paths[implementation](inputs, g, hidden_dim, output_dim, ffn_args)
     return mtf.reshape(y, g.orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
@@ -413,8 +416,8 @@ class SwitchFFN(transformer.TransformerLayer):
         "ragged": lambda *args: self._ragged(slots, *args)}
 
   def _expert_choice(self, logits, nonpadding, g, train, predict):
-    """Router "expert_choice": as _token_choice; its gather and ragged dispatches are both
-    the slot gather (every expert takes exactly C tokens: no slack to skip)."""
+    """Router "expert_choice": as _token_choice, without a ragged path (every expert takes
+    exactly C tokens: no slack for it to skip; "ragged" runs the gather)."""
     del train, predict  # no second-expert policy, no dropless routing
     choice = routing.expert_choice_router(logits, nonpadding, g.experts_unsplit, g.group_dim,
                                           g.capacity_dim, self.expert_choice_softmax)
@@ -424,12 +427,11 @@ class SwitchFFN(transformer.TransformerLayer):
     chosen = choice.chosen
     routed = metrics.Routed(chosen, mtf.reduce_sum(chosen, reduced_dim=g.experts_unsplit),
                             mtf.reduce_max(choice.gate, reduced_dim=g.experts_unsplit), logits)
-    slot_gather = lambda *args: self._through_slots(
-        dispatch_lib.SlotGatherDispatch(choice, g.group_dim), *args)
     return routed, balance_loss, {
         "einsum": lambda *args: self._through_slots(
             dispatch_lib.EinsumDispatch.from_expert_choice(choice, g.group_dim), *args),
-        "gather": slot_gather, "ragged": slot_gather}
+        "gather": lambda *args: self._through_slots(
+            dispatch_lib.SlotGatherDispatch(choice, g.group_dim), *args)}
 
   def _through_slots(self, mover, inputs, g, hidden_dim, output_dim, ffn_args):
     """inputs [O, G`, S, M] -> capacity slots -> experts -> [O, G`, S, output_dim]."""
@@ -492,17 +494,21 @@ class SwitchFFN(transformer.TransformerLayer):
                         else ""), implementation)
 
 
-Geometry = collections.namedtuple("Geometry", [
+class Geometry(collections.namedtuple("Geometry", [
     "orig_dims", "model_dim", "grouped", "experts_dim", "experts_unsplit", "groups_unsplit",
-    "capacity_dim", "layout", "mesh_shape", "mode", "dropless"])
-Geometry.__doc__ = """A Switch layer's dimensions for one input (SwitchFFN._geometry).
+    "capacity_dim", "layout", "mesh_shape", "mode", "dropless"])):
+  """A Switch layer's dimensions for one input (SwitchFFN._geometry).
 
-orig_dims: x's dimensions but the last; model_dim: M; grouped: [O, G, S] (G keeps the batch's
-name, so that groups are split over the batch mesh axis); experts_dim: E as the layout splits
-it, experts_unsplit: E within a group; groups_unsplit: G where experts are split;
-capacity_dim: C; mode: "train" | "eval" | "predict"; dropless: whether that mode is dropless.
-"""
-Geometry.group_dim = property(lambda g: g.grouped[2])
+  orig_dims: x's dimensions but the last; model_dim: M; grouped: [O, G, S] (G keeps the batch's
+  name, so that groups are split over the batch mesh axis); experts_dim: E as the layout splits
+  it, experts_unsplit: E within a group; groups_unsplit: G where experts are split;
+  capacity_dim: C; mode: "train" | "eval" | "predict"; dropless: whether that mode is dropless.
+  """
+  __slots__ = ()
+
+  @property
+  def group_dim(self):
+    return self.grouped[2]
 
 
 def _grouped_nonpadding(nonpadding, x, g):

@@ -211,9 +211,11 @@ def test_counter_counts_the_experts_a_token_reaches_on_average():
   assert double["flops_per_sequence"] > same["flops_per_sequence"]
 
 
-# MoE1D expert_selection in the encoder, switch in the decoder, through the stock binary.
+# MoE1D expert_selection in the encoder, switch in the decoder, through the stock binary: the
+# MoE1D twin of switch_tiny with its encoder's gating changed, against expert_choice_tiny.
 MOE1D_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin",
-                         "expert_choice_tiny_moe1d.gin")
+                         "switch_tiny_moe1d.gin")
+MOE1D_PARAMS = binary.SMALL + ("encoder/MoE1D.moe_gating='expert_selection'",)
 EXPERT_CHOICE_GIN = "gin/models/expert_choice_tiny.gin"
 
 
@@ -221,10 +223,10 @@ def test_moe1d_expert_selection_checkpoint_scores_identically_under_switch_ffn(t
   from test_end_to_end import score  # pylint: disable=g-import-not-at-top
   env = binary.environment(tmp_path / "cache")
   model_dir = tmp_path / "moe1d"
-  binary.train(env, model_dir, MOE1D_GIN, 6, *binary.SMALL)
+  binary.train(env, model_dir, MOE1D_GIN, 6, *MOE1D_PARAMS)
   names = [n for n, _ in tf.train.list_variables(str(model_dir))]
   assert "encoder/block_000/layer_003/MoE1D/expert_selection_gating/kernel" in names
-  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *binary.SMALL)
+  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *MOE1D_PARAMS)
   by_switch = score(env, model_dir, EXPERT_CHOICE_GIN, tmp_path, *binary.SMALL,
                     "decoder/SwitchFFN.dropless_predict=False")
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
