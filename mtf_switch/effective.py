@@ -7,10 +7,12 @@ parses the gin files and bindings as t5_mesh_transformer does (mtf_switch/config
 model for the recipe's batch, lengths, mesh and layout, in training and in evaluation, without
 allocating anything, and prints one row per Switch layer and mode (train, eval, and predict:
 decoding, scoring and the exports, as --mode=score builds them): experts E, experts per token
-k (for SwitchFFN.router = "expert_choice" the E * C / S experts a token reaches on average; its
-capacity applies in every mode, dropless routing does not apply to it), routing groups x group size S, capacity factor (`dropless`: no capacity, SwitchFFN.dropless_*),
-expert capacity C per group, router policy (prefixed by SwitchFFN.router when not top_k), the dispatch `auto` resolves to on this machine,
-loss coefficients c_B and c_z, init scale. A bad gin file or binding: one line on stderr, exit
+k (for SwitchFFN.router = "expert_choice" the E * C / S experts a token reaches on average: its
+capacity applies in every mode, dropless routing does not apply to it), routing groups x group
+size S, capacity factor (`dropless`: no capacity, SwitchFFN.dropless_*), expert capacity C per
+group, router policy (prefixed by SwitchFFN.router when not top_k, e.g.
+expert_choice:input_jitter), the dispatch `auto` resolves to on this machine, loss coefficients
+c_B and c_z, init scale. A bad gin file or binding: one line on stderr, exit
 status 1.
 """
 import json
