@@ -211,23 +211,31 @@ def test_counter_counts_the_experts_a_token_reaches_on_average():
   assert double["flops_per_sequence"] > same["flops_per_sequence"]
 
 
-# MoE1D expert_selection in the encoder, switch in the decoder, through the stock binary: the
-# MoE1D twin of switch_tiny with its encoder's gating changed, against expert_choice_tiny.
+# MoE1D expert_selection or switch_max in the encoder, switch in the decoder, through the stock
+# binary: the MoE1D twin of switch_tiny with its encoder's gating changed, against
+# expert_choice_tiny and switch_tiny with encoder switch_max. Inference with capacity on both
+# sides (SwitchFFN's token-choice layers are dropless there by default, MoE1D is not).
 MOE1D_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin",
                          "switch_tiny_moe1d.gin")
-MOE1D_PARAMS = binary.SMALL + ("encoder/MoE1D.moe_gating='expert_selection'",)
-EXPERT_CHOICE_GIN = "gin/models/expert_choice_tiny.gin"
+BINARY_CASES = {
+    "expert_selection": ("gin/models/expert_choice_tiny.gin", ()),
+    "switch_max": (binary.SWITCH_GIN, ("encoder/SwitchFFN.router='switch_max'",)),
+}
 
 
-def test_moe1d_expert_selection_checkpoint_scores_identically_under_switch_ffn(tmp_path):
+@pytest.mark.parametrize("gating", sorted(BINARY_CASES))
+def test_moe1d_checkpoint_scores_identically_under_switch_ffn(tmp_path, gating):
   from test_end_to_end import score  # pylint: disable=g-import-not-at-top
   env = binary.environment(tmp_path / "cache")
   model_dir = tmp_path / "moe1d"
-  binary.train(env, model_dir, MOE1D_GIN, 6, *MOE1D_PARAMS)
+  moe1d_params = binary.SMALL + ("encoder/MoE1D.moe_gating='%s'" % gating,)
+  binary.train(env, model_dir, MOE1D_GIN, 6, *moe1d_params)
   names = [n for n, _ in tf.train.list_variables(str(model_dir))]
-  assert "encoder/block_000/layer_003/MoE1D/expert_selection_gating/kernel" in names
-  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *MOE1D_PARAMS)
-  by_switch = score(env, model_dir, EXPERT_CHOICE_GIN, tmp_path, *binary.SMALL,
-                    "decoder/SwitchFFN.dropless_predict=False")
+  assert "encoder/block_000/layer_003/MoE1D/%s_gating/kernel" % gating in names
+  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *moe1d_params)
+  switch_gin, switch_params = BINARY_CASES[gating]
+  by_switch = score(env, model_dir, switch_gin, tmp_path, *binary.SMALL, *switch_params,
+                    "SwitchFFN.dropless_predict=False")
+  print("%s scores: MoE1D %s, SwitchFFN %s" % (gating, by_moe1d, by_switch))
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
   np.testing.assert_allclose(by_switch, by_moe1d, rtol=1e-5)
