@@ -76,6 +76,30 @@ def test_expert_choice_matches_reference(rng, train, softmax, dispatch):
     assert (reached > 1).any()
 
 
+@pytest.mark.parametrize("softmax", ["tokens", "experts"])
+def test_expert_choice_router_gradient_matches_finite_differences_of_the_reference(rng,
+                                                                                   softmax):
+  """d(sum(y * r) + loss)/dW_r: the gates (and the balance loss) train the router."""
+  x, pad = _inputs(rng)
+  layer = _layer(expert_choice_softmax=softmax, init_scale=1.0)
+  y, _, w, grads, _ = run_switch(layer, x, pad, train=True, grads=True)
+  r = np.random.RandomState(1).randn(*y.shape)  # run_switch's fixed random r (seed + 1)
+
+  def objective(w_r):
+    ref_y, ref_loss, _ = reference.expert_choice_reference(
+        x, pad, dict(w, expert_selection_gating=w_r), 4, 2, 1e-2, softmax)
+    return np.sum(ref_y * r) + ref_loss
+
+  w_r = w["expert_selection_gating"].astype(np.float64)
+  numeric = np.zeros_like(w_r)
+  for index in np.ndindex(*w_r.shape):
+    step = np.zeros_like(w_r)
+    step[index] = 1e-5
+    numeric[index] = (objective(w_r + step) - objective(w_r - step)) / 2e-5
+  assert np.abs(numeric).max() > 1e-3
+  np.testing.assert_allclose(grads["expert_selection_gating"], numeric, rtol=2e-3, atol=2e-4)
+
+
 def test_expert_choice_balance_loss_is_one_when_routing_is_uniform(rng):
   """A zero router (every p_e(s) = 1/S'): L_B = 1, as MoE1D's comment says; z-loss off."""
   x, pad = _inputs(rng)
