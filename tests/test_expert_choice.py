@@ -118,6 +118,19 @@ def test_expert_choice_dispatches_equal_einsum_with_gradients(rng, train, dispat
   assert np.abs(got[3]["expert_selection_gating"]).max() > 0  # router trained through gates
 
 
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_expert_choice_in_bfloat16_routes_as_float32(rng, dispatch):
+  """Selective precision: with bfloat16 activations the router is float32, so the experts take
+  the same tokens; outputs differ by bfloat16 rounding only."""
+  x, pad = _inputs(rng)
+  y32, _, _ = run_switch(_layer(dispatch=dispatch), x, pad, train=True)
+  y16, loss16, _ = run_switch(_layer(dispatch=dispatch), x, pad, train=True,
+                              dtype=tf.bfloat16)
+  np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.02 * np.abs(y32).max())
+  assert np.array_equal(np.abs(y16).sum(-1) == 0, np.abs(y32).sum(-1) == 0)
+  assert np.isfinite(loss16)
+
+
 def test_expert_choice_gather_has_no_one_hot_einsum():
   graph = mtf.Graph()
   mesh = mtf.Mesh(graph, "mesh")
