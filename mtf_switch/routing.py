@@ -54,8 +54,7 @@ router_logits: [O, G, S, E] h(x) = W_r . x.
 
 
 ExpertChoice = collections.namedtuple("ExpertChoice", ["token", "slot_gate", "chosen",
-                                                       "gate", "router_probs",
-                                                       "router_logits"])
+                                                       "gate", "router_probs"])
 ExpertChoice.__doc__ = """What the expert-choice router returns (float32 unless said).
 
 token: int32 [O, G, E, C] the token of the group in each expert's capacity slot (best first).
@@ -63,8 +62,8 @@ slot_gate: [O, G, E, C] its gate, 0 where the slot holds padding (the group has 
   real tokens).
 chosen: [O, G, S, E] {0,1} whether expert e took real token s (no gradient).
 gate: [O, G, S, E] the same gates token by token, 0 where not chosen.
-router_probs: [O, G, S, E] p, softmax of h over the tokens or the experts (expert_choice_softmax).
-router_logits: [O, G, S, E] h(x) = W_r . x.
+router_probs: [O, G, S, E] p, softmax of h(x) over the tokens or the experts
+  (expert_choice_softmax).
 """
 
 
@@ -188,7 +187,7 @@ def expert_choice_router(logits, nonpadding, experts_dim, group_dim, capacity_di
   else:
     slot_gate = top_p * real
     gate = probs * chosen
-  return ExpertChoice(token, slot_gate, chosen, gate, probs, logits)
+  return ExpertChoice(token, slot_gate, chosen, gate, probs)
 
 
 def _at_token(values, token, name):
@@ -201,7 +200,7 @@ def _at_token(values, token, name):
 def _chosen(token, real, group_size):
   """Slot tokens [o, g, E, C] and whether each is real -> [o, g, S, E] {0,1}: expert e took
   real token s (a scatter of the E * C slots, not an [S, E, C] one-hot)."""
-  o, g, e, c = (tf.shape(token)[i] for i in range(4))
+  o, g, e = (tf.shape(token)[i] for i in range(3))
   expert = tf.reshape(tf.range(e), [1, 1, e, 1])
   group = tf.reshape(tf.range(o * g), [o, g, 1, 1])
   ids = (group * group_size + token) * e + expert  # flat index of [o * g, S, E]
