@@ -4,6 +4,7 @@ independent numpy references of tests/reference.py: outputs, gates, capacity, ba
 padding never chosen, the routing summaries, every dispatch, the layouts of test_distributed.py,
 bad input and the counter. (MoE1D interchange: tests/test_moe1d_compat.py and the binary test
 at the end.)"""
+import json
 import os
 import types
 
@@ -13,8 +14,8 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 from mtf_switch import count
-from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import layers
+from mtf_switch import report
 
 import binary
 import reference
@@ -226,7 +227,6 @@ def test_inference_routes_expert_choice_with_capacity_whatever_dropless_predict(
     mx = mtf.import_tf_tensor(mesh, tf.constant(x), mtf.Shape(dims + [model_dim]))
     _layer().apply(mx, model_dim, train=False, variable_dtype=mtf.VariableDType(),
                    predict=True)
-    import json  # pylint: disable=g-import-not-at-top
     (settings,) = [json.loads(s) for s in tf.get_collection(layers.LAYERS)]
   assert settings["dropless"] is False and settings["expert_capacity"] == 4
   assert settings["router"] == "expert_choice" and settings["experts_per_token"] == 2.0
@@ -276,3 +276,28 @@ def test_moe1d_checkpoint_scores_identically_under_switch_ffn(tmp_path, gating):
   print("%s scores: MoE1D %s, SwitchFFN %s" % (gating, by_moe1d, by_switch))
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
   np.testing.assert_allclose(by_switch, by_moe1d, rtol=1e-5)
+
+
+def test_expert_choice_tiny_trains_and_its_checkpoint_scores_identically_under_moe1d(tmp_path):
+  """The other direction, and expert choice trained through the binary (routing summaries
+  included): the loss is finite and falls, MoE1D's expert_selection reads the checkpoint."""
+  from test_end_to_end import losses, score  # pylint: disable=g-import-not-at-top
+  env = binary.environment(tmp_path / "cache")
+  model_dir = tmp_path / "expert_choice"
+  final = binary.train(env, model_dir, "gin/models/expert_choice_tiny.gin", 10, *binary.SMALL)
+  assert np.isfinite(final) and final < losses(model_dir)[0]
+  summaries = report.read_summaries(str(model_dir))
+  for layer, values in summaries.items():
+    multi = values["multi_expert_fraction"][1]
+    if layer.startswith("encoder"):  # expert choice: some tokens get several, some none
+      assert np.all(multi > 0) and np.all(values["unrouted_fraction"][1] > 0), layer
+      assert np.all(values["dropped_fraction"][1] == 0), layer
+    else:
+      assert np.all(multi == 0), layer
+  by_switch = score(env, model_dir, "gin/models/expert_choice_tiny.gin", tmp_path,
+                    *binary.SMALL, "SwitchFFN.dropless_predict=False")
+  by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *binary.SMALL,
+                   "encoder/MoE1D.moe_gating='expert_selection'")
+  print("expert_choice_tiny scores: SwitchFFN %s, MoE1D %s" % (by_switch, by_moe1d))
+  assert by_switch.shape == (3,) and np.all(by_switch < 0)
+  np.testing.assert_allclose(by_moe1d, by_switch, rtol=1e-5)
