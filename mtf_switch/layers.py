@@ -95,7 +95,8 @@ def _check_arguments(args):
 @gin.configurable
 class SwitchFFN(transformer.TransformerLayer):
   """Switch feed-forward layer: y = sum_{i in top-k} g_i(x) E_i(x) (Switch paper Eq. 2; k = 1
-  for Switch, k = 2 for MoE-Base / ST-MoE).
+  for Switch, k = 2 for MoE-Base / ST-MoE); with expert choice (router) the sum runs over the
+  experts that took x.
 
   Every argument is a gin parameter (`SwitchFFN.<name>`):
     num_experts: E, experts per layer (paper Sec. 2; Switch-Base uses 128). Default 8.

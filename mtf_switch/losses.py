@@ -34,4 +34,5 @@ def expert_choice_balance_loss(router_probs, nonpadding, experts_dim, group_dim)
   excluded; empty groups count 0, as in MoE1D."""
   mean_p = mtf.reduce_mean(router_probs, reduced_dim=experts_dim) * nonpadding  # [O, G, S]
   real = mtf.reduce_sum(nonpadding, reduced_dim=group_dim)  # S' [O, G]
+  # L_B = mean_groups S' sum_s (1/E sum_e p_e(s))^2
   return mtf.reduce_mean(mtf.reduce_sum(mtf.square(mean_p), reduced_dim=group_dim) * real)

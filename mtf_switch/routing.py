@@ -170,6 +170,7 @@ def expert_choice_router(logits, nonpadding, experts_dim, group_dim, capacity_di
   if softmax == "tokens":
     # Padding gets h = -1e9 so that it takes no probability (MoE1D's expression).
     masked = logits + mtf.cast(mtf.equal(nonpadding, 0.0), logits.dtype) * -1e9
+    # p_e(s) = exp(h_e(s)) / sum_{s' in group} exp(h_e(s'))
     probs = mtf.softmax(masked, reduced_dim=group_dim)
   else:
     probs = mtf.softmax(logits, reduced_dim=experts_dim) * nonpadding
@@ -182,6 +183,7 @@ def expert_choice_router(logits, nonpadding, experts_dim, group_dim, capacity_di
       name="expert_choice_chosen")
   if softmax == "tokens":
     reached = mtf.maximum(mtf.reduce_sum(chosen, reduced_dim=experts_dim), 1.0)  # [O, G, S]
+    # g_e(s) = p_e(s) / |{e': e' took s}|  (MoE1D's normalize_by_num_experts_routed)
     slot_gate = top_p * real / _at_token(reached, token, "expert_choice_reached")
     gate = probs * chosen / reached
   else:
