@@ -8,6 +8,7 @@ import json
 import os
 import types
 
+import gin
 import mesh_tensorflow as mtf
 import numpy as np
 import pytest
@@ -301,3 +302,13 @@ def test_expert_choice_tiny_trains_and_its_checkpoint_scores_identically_under_m
   print("expert_choice_tiny scores: SwitchFFN %s, MoE1D %s" % (by_switch, by_moe1d))
   assert by_switch.shape == (3,) and np.all(by_switch < 0)
   np.testing.assert_allclose(by_moe1d, by_switch, rtol=1e-5)
+
+
+def test_switch_attention_projections_keep_top_k_under_a_router_binding():
+  """SwitchSelfAttention passes every SwitchFFN argument, so SwitchFFN.router does not reach
+  its projections (which route every position, decoders included)."""
+  from mtf_switch import attention  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():
+    gin.bind_parameter("SwitchFFN.router", "expert_choice")
+  assert layers.SwitchFFN().router == "expert_choice"  # the binding applies to SwitchFFN
+  assert attention.SwitchSelfAttention(num_experts=2).projection.router == "top_k"
