@@ -56,7 +56,8 @@ class SwitchSelfAttention(transformer_layers.SelfAttention):
         init_scale=init_scale, num_selected_experts=1, second_policy_train="all",
         second_policy_eval="all", second_threshold=0.2, batch_prioritized_routing=False,
         multiplicative_bias=False, no_token_left_behind=0, dispatch="auto", summaries=False,
-        dropless_train=False, dropless_eval=False, dropless_predict=True)
+        dropless_train=False, dropless_eval=False, dropless_predict=True, router="top_k",
+        expert_choice_softmax="tokens")
 
   def make_params(self, context):
     heads = [mtf.Dimension("heads", self.num_heads)]

@@ -13,7 +13,8 @@ in seconds.
       multiply-add of the weight matmuls (the output projection included, the embedding lookup
       and the routers excluded) and of attention's QK^T (Kaplan's 2 n_ctx d_attn per layer).
       An expert weight counts only for the tokens routed to it (k of E experts, paper Sec. 2;
-      k = SwitchFFN.num_selected_experts), not for the capacity slack; elementwise ops, norms
+      k = SwitchFFN.num_selected_experts; with expert choice the E * C / S experts a token
+      reaches on average), not for the capacity slack; elementwise ops, norms
       and softmaxes are not counted.
   router_flops      the routers' matmuls (not in flops_per_sequence: the paper's counts leave
       them out)
@@ -83,7 +84,7 @@ def count(gin_files, gin_params=(), inputs_length=512, targets_length=114, vocab
     if mesh_shape.ndims:
       layouts.check(graph, mesh_shape, layout_rules)
     result = _count_params(graph)
-    experts_per_token = [(layer["scope"], layer["num_selected_experts"])
+    experts_per_token = [(layer["scope"], layer["experts_per_token"])
                          for layer in map(json.loads, tf.get_collection(layers.LAYERS))]
     result.update(_count_flops(graph, lengths, batch.size, experts_per_token))
     return result
@@ -139,7 +140,7 @@ def _count_flops(graph, lengths, batch_size, experts_per_token):
   matmul_flops_per_sequence is what the graph computes: every product at its real size, expert
   weights over all capacity slots, dispatch and combine included.
   """
-  routers = set(routing.ROUTER_SCOPES.values()) | {routing.TOP_N_SCOPE, routing.NTLB_SCOPE}
+  routers = set(routing.ALL_SCOPES)
   kaplan = router = dispatch_total = matmul = 0
   for op in graph.operations:
     if not isinstance(op, mtf.ops.EinsumOperation):
@@ -158,7 +159,7 @@ def _count_flops(graph, lengths, batch_size, experts_per_token):
       active = shape.size
       if EXPERTS_DIM in shape.dimension_names:  # k experts of E per token
         k = [k for scope, k in experts_per_token if weights[0].name.startswith(scope)]
-        active = active * k[0] // shape.get_dim_by_name(EXPERTS_DIM).size
+        active = int(round(active * k[0] / shape.get_dim_by_name(EXPERTS_DIM).size))
       if stack not in lengths:
         raise ValueError("Cannot tell the stack (%s) of the weight matmul %s." %
                          ("/".join(STACKS), op.name))

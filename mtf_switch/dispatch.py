@@ -15,6 +15,11 @@ M d_model. All implementations compute the same outputs and gradients with the s
   "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
     gather.
 
+Expert choice (SwitchFFN.router = "expert_choice") has no Slots: its router gives each slot
+its token (routing.ExpertChoice), EinsumDispatch.from_expert_choice builds MoE1D's one-hot
+[O, G, E, C, S] tensors from it, and SlotGatherDispatch gathers the slots' tokens (its
+"gather", and its "ragged": every slot holds a chosen token, there is no slack to skip).
+
 Dropless routing (SwitchFFN.dropless_train / dropless_eval / dropless_predict, the last on by
 default): assign_slots without a capacity keeps every used choice. The ragged dispatch then
 computes exactly the real tokens' choices, as with a capacity; einsum and gather need slots and
@@ -226,13 +231,24 @@ def kept_experts(slots, experts_dim, choices_dim):
 
 
 class EinsumDispatch(object):
-  """Dispatch and combine as einsums with one-hot [O, G, S, E, C] tensors."""
+  """Dispatch and combine as einsums with one-hot tensors: [O, G, S, E, C] built from token
+  choice's Slots, or [O, G, E, C, S] from expert choice (MoE1D's layouts of each)."""
 
-  def __init__(self, slots, capacity_dim):
+  def __init__(self, dispatch, combine):
+    self._dispatch, self._combine = dispatch, combine
+
+  @classmethod
+  def from_slots(cls, slots, capacity_dim):
     rounds = [r.kept * mtf.one_hot(mtf.to_int32(r.position), capacity_dim, dtype=r.kept.dtype)
               for r in slots.rounds]
-    self._dispatch = mtf.add_n(rounds)
-    self._combine = mtf.add_n([d * r.gate for d, r in zip(rounds, slots.rounds)])
+    return cls(mtf.add_n(rounds), mtf.add_n([d * r.gate for d, r in zip(rounds, slots.rounds)]))
+
+  @classmethod
+  def from_expert_choice(cls, choice, group_dim):
+    """routing.ExpertChoice: slot (e, c) holds token choice.token[e, c]."""
+    one_hot = mtf.one_hot(choice.token, group_dim, dtype=tf.float32)
+    return cls(one_hot * mtf.to_float(mtf.greater(choice.slot_gate, 0.0)),
+               one_hot * choice.slot_gate)
 
   def dispatch(self, x, output_shape):
     """[O, G, S, M] -> output_shape [O, E, G, C, M]."""
@@ -305,3 +321,52 @@ def _splittable(grouped_shape):
   """The dimensions a scatter/gather may find split: all but the group and slot dimensions."""
   return [d for d in grouped_shape.dims
           if d.name not in ("group", "choices", "expert_unsplit", "expert_capacity")]
+
+
+class SlotGatherDispatch(object):
+  """Expert choice's slots [O, E, G, C] each know their token: dispatch gathers the tokens
+  into the slots, combine scatter-adds gate * expert output back to the tokens (each the
+  other's gradient). Every slot is computed; there is no slack (each expert takes C tokens),
+  so this serves as both the gather and the ragged dispatch of expert choice."""
+
+  def __init__(self, choice, group_dim):
+    self._group_dim = group_dim
+    # Slots holding padding (fewer than C real tokens in the group) read and write nothing:
+    # token S, one past the group.
+    empty = mtf.to_int32(mtf.equal(choice.slot_gate, 0.0))
+    self._token = choice.token * (1 - empty) + empty * group_dim.size
+    self._gate = choice.slot_gate
+
+  def dispatch(self, x, output_shape):
+    """[O, G, S, M] -> output_shape [O, E, G, C, M]."""
+    return self._gather(x, output_shape)
+
+  def combine(self, y, output_shape):
+    """[O, E, G, C, M] -> output_shape [O, G, S, M]: sum of gate * expert output per token."""
+    return self._scatter(y * mtf.cast(self._gate, y.dtype), output_shape)
+
+  def _gather(self, x, output_shape):
+    def gather(x, token):
+      x = tf.pad(x, [[0, 0], [0, 0], [0, 1], [0, 0]])  # token S: zeros
+      return tf.transpose(tf.gather(x, token, axis=2, batch_dims=2), [0, 2, 1, 3, 4])
+
+    return mtf.slicewise(
+        gather, [x, self._token], output_shape, x.dtype, _splittable(x.shape),
+        grad_function=lambda op, dy: [self._scatter(dy, x.shape), None],
+        name="expert_choice_gather")
+
+  def _scatter(self, y, output_shape):
+    group_size = self._group_dim.size
+
+    def scatter(y, token):
+      o, e, g, c, m = (tf.shape(y)[i] for i in range(5))
+      base = tf.reshape(tf.range(o * g) * (group_size + 1), [o, g, 1, 1])
+      ids = tf.reshape(token + base, [-1])  # [o, g, E, C] flat, one spare row per group
+      rows = tf.reshape(tf.transpose(y, [0, 2, 1, 3, 4]), [-1, m])
+      out = tf.math.unsorted_segment_sum(rows, ids, o * g * (group_size + 1))
+      return tf.reshape(out, [o, g, group_size + 1, m])[:, :, :group_size]
+
+    return mtf.slicewise(
+        scatter, [y, self._token], output_shape, y.dtype, _splittable(output_shape),
+        grad_function=lambda op, dx: [self._gather(dx, y.shape), None],
+        name="expert_choice_scatter")

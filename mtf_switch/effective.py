@@ -7,9 +7,12 @@ parses the gin files and bindings as t5_mesh_transformer does (mtf_switch/config
 model for the recipe's batch, lengths, mesh and layout, in training and in evaluation, without
 allocating anything, and prints one row per Switch layer and mode (train, eval, and predict:
 decoding, scoring and the exports, as --mode=score builds them): experts E, experts per token
-k, routing groups x group size S, capacity factor (`dropless`: no capacity, SwitchFFN.dropless_*),
-expert capacity C per group, router policy, the dispatch `auto` resolves to on this machine,
-loss coefficients c_B and c_z, init scale. A bad gin file or binding: one line on stderr, exit
+k (for SwitchFFN.router = "expert_choice" the E * C / S experts a token reaches on average: its
+capacity applies in every mode, dropless routing does not apply to it), routing groups x group
+size S, capacity factor (`dropless`: no capacity, SwitchFFN.dropless_*), expert capacity C per
+group, router policy (prefixed by SwitchFFN.router when not top_k, e.g.
+expert_choice:input_jitter), the dispatch `auto` resolves to on this machine, loss coefficients
+c_B and c_z, init scale. A bad gin file or binding: one line on stderr, exit
 status 1.
 """
 import json
@@ -61,7 +64,7 @@ def switch_layers(mode):
 
 MODES = ((tf.estimator.ModeKeys.TRAIN, "train"), (tf.estimator.ModeKeys.EVAL, "eval"),
          (tf.estimator.ModeKeys.PREDICT, "predict"))
-COLUMNS = (("layer", "scope"), ("E", "num_experts"), ("k", "num_selected_experts"),
+COLUMNS = (("layer", "scope"), ("E", "num_experts"), ("k", "experts_per_token"),
            ("groups x S", None), ("cf", "capacity_factor"), ("C", "expert_capacity"),
            ("router", "router_policy"), ("dispatch", "dispatch"), ("c_B", "loss_coef"),
            ("c_z", "router_z_loss_coef"), ("init", "init_scale"))
@@ -77,6 +80,9 @@ def table():
       for title, key in COLUMNS:
         if layer["dropless"] and key in ("capacity_factor", "expert_capacity"):
           cells.append("dropless" if key == "capacity_factor" else "-")
+          continue
+        if key == "router_policy" and layer["router"] != "top_k":  # e.g. expert_choice:argmax
+          cells.append("%s:%s" % (layer["router"], layer[key]))
           continue
         cells.append("%dx%d" % (layer["groups"], layer["group_size"]) if key is None
                      else layer["scope"][:-len("MoE1D/")] if key == "scope" else

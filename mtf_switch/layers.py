@@ -1,4 +1,5 @@
 """Gin-configurable mesh-tensorflow TransformerLayers that wire router, dispatch and experts."""
+import collections
 import inspect
 import json
 import math
@@ -94,7 +95,8 @@ def _check_arguments(args):
 @gin.configurable
 class SwitchFFN(transformer.TransformerLayer):
   """Switch feed-forward layer: y = sum_{i in top-k} g_i(x) E_i(x) (Switch paper Eq. 2; k = 1
-  for Switch, k = 2 for MoE-Base / ST-MoE).
+  for Switch, k = 2 for MoE-Base / ST-MoE); with expert choice (router) the sum runs over the
+  experts that took x.
 
   Every argument is a gin parameter (`SwitchFFN.<name>`):
     num_experts: E, experts per layer (paper Sec. 2; Switch-Base uses 128). Default 8.
@@ -168,6 +170,25 @@ class SwitchFFN(transformer.TransformerLayer):
       (off) or n >= 2: a token that finds its expert full tries its next-best expert, up to its
       n-th, with the gate p_j(x) of the expert that takes it. Needs num_selected_experts = 1.
       Default 0.
+    router: who chooses (routing.py): "top_k" (each token takes its k best experts, the
+      options above), "switch_max" (mesh-tensorflow MoE1D's switch_max: top-1 with
+      batch-prioritized routing whatever batch_prioritized_routing says, under MoE1D's
+      variable name switch_max_gating; encoder only) or "expert_choice" (Zhou et al. 2022,
+      MoE1D's expert_selection, variables expert_selection_gating: each expert takes the C =
+      min(S, max(int(S * cf / E), min_capacity)) best tokens of its group, so no expert
+      overflows and a token may get several experts or none; num_selected_experts, the
+      second-expert policies, batch_prioritized_routing and no_token_left_behind do not apply;
+      its balance loss replaces Switch's; encoder only, it sees every token of a group). Expert
+      choice has no drops, so dropless routing does not apply: dropless_train / dropless_eval
+      = True are errors, and inference routes with capacity_factor_eval whatever
+      dropless_predict says (a token's output depends on the other tokens of its group).
+      Its "ragged" dispatch runs "gather" (every slot holds a chosen token).
+      Default "top_k".
+    expert_choice_softmax: for router "expert_choice", the axis of p: "tokens" (MoE1D: softmax
+      over the group's tokens for each expert, gates divided by the number of experts a token
+      reaches, MoE1D's balance loss) or "experts" (the paper and flaxformer's
+      ExpertsChooseMaskedRouter: softmax over experts, gates p_e(x) undivided, no balance
+      loss). Default "tokens".
     dispatch: how tokens reach their experts (dispatch.py), all with the same outputs,
       gradients and checkpoints: "einsum" (one-hot einsums, mesh-tensorflow's MoE1D, the
       paper's TPU implementation), "gather" (scatter/gather of capacity slots on each device),
@@ -187,8 +208,12 @@ class SwitchFFN(transformer.TransformerLayer):
                second_policy_train="random", second_policy_eval="random", second_threshold=0.2,
                batch_prioritized_routing=False, multiplicative_bias=False,
                no_token_left_behind=0, dispatch="auto", summaries=True, dropless_train=False,
-               dropless_eval=False, dropless_predict=True):
+               dropless_eval=False, dropless_predict=True, router="top_k",
+               expert_choice_softmax="tokens"):
     routing.check_policy(router_policy)
+    routing.check_choice(router, routing.ROUTERS, "router")
+    routing.check_choice(expert_choice_softmax, routing.EXPERT_CHOICE_SOFTMAX,
+                         "expert_choice_softmax")
     routing.check_second_policy(second_policy_train)
     routing.check_second_policy(second_policy_eval)
     dispatch_lib.check_implementation(dispatch)
@@ -205,6 +230,16 @@ class SwitchFFN(transformer.TransformerLayer):
     if no_token_left_behind and num_selected_experts > 1:
       raise ValueError("SwitchFFN.no_token_left_behind reroutes top-1 tokens; it cannot be "
                        "combined with num_selected_experts=%d." % num_selected_experts)
+    if router == "switch_max" and (num_selected_experts > 1 or no_token_left_behind):
+      raise ValueError("SwitchFFN.router='switch_max' is top-1 routing (MoE1D's switch_max); "
+                       "it cannot be combined with num_selected_experts=%d or "
+                       "no_token_left_behind=%d." % (num_selected_experts, no_token_left_behind))
+    if router == "expert_choice" and (dropless_train or dropless_eval):
+      raise ValueError("SwitchFFN.router='expert_choice' drops no token (each expert takes its "
+                       "C best tokens): dropless routing does not apply; unset "
+                       "SwitchFFN.dropless_train / dropless_eval.")
+    self.router = router
+    self.expert_choice_softmax = expert_choice_softmax
     self.num_experts = num_experts
     self.hidden_size = hidden_size
     self.activation = list(activation) if isinstance(activation, (list, tuple)) else activation
@@ -244,11 +279,14 @@ class SwitchFFN(transformer.TransformerLayer):
     """Applies the layer to x [batch..., length, d_model] (length may be absent when decoding)."""
     if context.model.ensemble_dim:
       raise NotImplementedError("SwitchFFN does not support ensembles.")
-    if self.batch_prioritized_routing and context.model.autoregressive:
+    if (self.batch_prioritized_routing or self.router != "top_k") and \
+        context.model.autoregressive:
+      name, value = (("router", repr(self.router)) if self.router != "top_k" else
+                     ("batch_prioritized_routing", "True"))
       raise ValueError(
-          "SwitchFFN.batch_prioritized_routing is for encoders only: in an autoregressive "
-          "decoder it would let a token's routing depend on later tokens. Bind it in the "
-          "encoder's scope only (encoder/SwitchFFN.batch_prioritized_routing = True).")
+          "SwitchFFN.%s=%s is for encoders only: in an autoregressive decoder it would let a "
+          "token's routing depend on later tokens. Bind it in the encoder's scope only "
+          "(encoder/SwitchFFN.%s = %s)." % (name, value, name, value))
     y, aux_loss = self.apply(
         x, context.model.model_dim, train=context.train,
         variable_dtype=context.variable_dtype, layout=context.model.layout,
@@ -273,14 +311,50 @@ class SwitchFFN(transformer.TransformerLayer):
                          num_microbatches, train if summaries is None else summaries, predict)
 
   def _routing_mode(self, train, predict):
-    """("train" | "eval" | "predict", whether that mode is dropless)."""
+    """("train" | "eval" | "predict", whether that mode is dropless: never for expert
+    choice)."""
     mode = "train" if train else "predict" if predict else "eval"
-    return mode, getattr(self, "dropless_" + mode)
+    return mode, getattr(self, "dropless_" + mode) and self.router != "expert_choice"
 
   def _apply(self, x, output_dim, train, variable_dtype, layout, mesh_shape, nonpadding,
              num_microbatches, summaries, predict):
+    g = self._geometry(x, layout, mesh_shape, train, predict)
+    inputs = mtf.reshape(x, g.grouped + [g.model_dim])
+    nonpadding = _grouped_nonpadding(nonpadding, x, g)
+    init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
+    logits = routing.router_logits(
+        inputs, g.experts_unsplit, self.router_policy, self.jitter_eps,
+        self.router_dropout_rate, train, variable_dtype, init,
+        name=routing.router_scope(self.num_selected_experts, self.no_token_left_behind,
+                                  self.router))
+    route = self._expert_choice if self.router == "expert_choice" else self._token_choice
+    routed, balance_loss, paths = route(logits, nonpadding, g, train, predict)
+    z_loss = losses.router_z_loss(logits, nonpadding, g.experts_unsplit)
+    # c_B L_B + c_z L_z  (ST-MoE Eq. 6, without the cross-entropy)
+    aux_loss = self.loss_coef * balance_loss
+    if self.router_z_loss_coef:
+      aux_loss += self.router_z_loss_coef * z_loss
+    if self.summaries and summaries:
+      scope = tf.get_variable_scope().name
+      metrics.record(scope.rpartition("/")[0] or scope, routed, nonpadding, g.experts_unsplit,
+                     balance_loss, z_loss)
+    if num_microbatches and num_microbatches > 1:
+      aux_loss /= num_microbatches
+
+    hidden_dim = mtf.Dimension("expert_hidden", self.hidden_size)
+    ffn_args = (self.activation, self.expert_dropout_rate, train, variable_dtype, init)
+    experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
+                        for d in (g.experts_dim, hidden_dim))
+    implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
+    if implementation not in paths:  # expert choice: no slack for "ragged" to skip
+      implementation = "gather"
+    self._record(g, implementation)
+    y = paths[implementation](inputs, g, hidden_dim, output_dim, ffn_args)
+    return mtf.reshape(y, g.orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
+
+  def _geometry(self, x, layout, mesh_shape, train, predict):
+    """The layer's dimensions and routing mode for x (see Geometry)."""
     orig_dims = x.shape.dims[:-1]
-    model_dim = x.shape.dims[-1]
     if orig_dims[0].name == "outer_batch":  # Expert replication (mesh-tensorflow convention).
       outer_dim, batch_dim = orig_dims[:2]
     else:
@@ -293,114 +367,158 @@ class SwitchFFN(transformer.TransformerLayer):
                                                                      batch_dim))
     # The groups dimension keeps the batch's name so it is split over the batch mesh axis.
     groups_dim = mtf.Dimension(batch_dim.name, num_groups)
-    group_dim = mtf.Dimension("group", group_size)
     cf = self.capacity_factor_train if train else self.capacity_factor_eval
     mode, dropless = self._routing_mode(train, predict)
-    # Dropless: no capacity cut; the slot dispatches (einsum, gather) get C = S.
-    capacity_dim = mtf.Dimension("expert_capacity", group_size if dropless else
-                                 dispatch_lib.expert_capacity(group_size, self.num_experts, cf,
-                                                              self.min_capacity))
-    experts_unsplit = mtf.Dimension("expert_unsplit", self.num_experts)
-    groups_unsplit = mtf.Dimension("batch_unsplit", num_groups)
-    grouped = [outer_dim, groups_dim, group_dim]
+    # Dropless: no capacity cut; the slot dispatches (einsum, gather) get C = S. Expert choice:
+    # an expert cannot take more than the S tokens of its group.
+    capacity = group_size if dropless else dispatch_lib.expert_capacity(
+        group_size, self.num_experts, cf, self.min_capacity)
+    if self.router == "expert_choice":
+      capacity = min(capacity, group_size)
+    return Geometry(
+        orig_dims, x.shape.dims[-1],
+        [outer_dim, groups_dim, mtf.Dimension("group", group_size)],
+        experts_dim, mtf.Dimension("expert_unsplit", self.num_experts),
+        mtf.Dimension("batch_unsplit", num_groups),
+        mtf.Dimension("expert_capacity", capacity), layout, mesh_shape, mode, dropless)
 
-    inputs = mtf.reshape(x, grouped + [model_dim])
-    if isinstance(nonpadding, mtf.Tensor):
-      nonpadding = mtf.reshape(mtf.zeros(x.mesh, orig_dims, tf.float32) +
-                               mtf.to_float(nonpadding), grouped)
-    else:  # None, or 1 when the context knows there is no padding (e.g. decoding).
-      nonpadding = mtf.ones(x.mesh, mtf.Shape(grouped), tf.float32)
-    init = mtf.layers.VarianceScalingInitializer(scale=self.init_scale)
-
-    logits = routing.router_logits(
-        inputs, experts_unsplit, self.router_policy, self.jitter_eps, self.router_dropout_rate,
-        train, variable_dtype, init,
-        name=routing.router_scope(self.num_selected_experts, self.no_token_left_behind))
+  def _token_choice(self, logits, nonpadding, g, train, predict):
+    """Routers "top_k" and "switch_max": (metrics.Routed, L_B, {dispatch: path}), a path
+    computing y from (inputs, g, hidden_dim, output_dim, ffn_args)."""
+    experts = g.experts_unsplit
     if self.no_token_left_behind:
-      router = routing.top_k_router(logits, experts_unsplit, self.no_token_left_behind,
+      router = routing.top_k_router(logits, experts, self.no_token_left_behind,
                                     renormalize=False)
     else:
       router = routing.top_k_router(
-          logits, experts_unsplit, self.num_selected_experts,
+          logits, experts, self.num_selected_experts,
           self.second_policy_train if train else self.second_policy_eval, self.second_threshold)
-    slots = dispatch_lib.assign_slots(router, nonpadding, experts_unsplit, group_dim,
-                                      None if dropless else capacity_dim,
-                                      self.batch_prioritized_routing,
-                                      reroute=bool(self.no_token_left_behind))
+    capacity_dim = None if g.dropless else g.capacity_dim
+    slots = dispatch_lib.assign_slots(
+        router, nonpadding, experts, g.group_dim, capacity_dim,
+        self.batch_prioritized_routing or self.router == "switch_max",
+        reroute=bool(self.no_token_left_behind))
     balance_loss = losses.load_balancing_loss(router.router_probs, slots.expert_mask,
-                                              nonpadding, experts_unsplit, group_dim)
-    z_loss = losses.router_z_loss(router.router_logits, nonpadding, experts_unsplit)
-    # c_B L_B + c_z L_z  (ST-MoE Eq. 6, without the cross-entropy)
-    aux_loss = self.loss_coef * balance_loss
-    if self.router_z_loss_coef:
-      aux_loss += self.router_z_loss_coef * z_loss
-    if self.summaries and summaries:
-      scope = tf.get_variable_scope().name
-      metrics.record(scope.rpartition("/")[0] or scope, router, slots,
-                     nonpadding, experts_unsplit, balance_loss, z_loss)
-    if num_microbatches and num_microbatches > 1:
-      aux_loss /= num_microbatches
+                                              nonpadding, experts, g.group_dim)
+    routed = metrics.Routed(mtf.add_n([r.kept for r in slots.rounds]), slots.requests,
+                            router.choices[0].gate, logits)
 
-    hidden_dim = mtf.Dimension("expert_hidden", self.hidden_size)
-    ffn_args = (self.activation, self.expert_dropout_rate, train, variable_dtype, init)
-    experts_split = any(mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d) > 1
-                        for d in (experts_dim, hidden_dim))
-    implementation = dispatch_lib.choose(self.dispatch, experts_split or not self.RAGGED)
-    self._record(mode, dropless, num_groups, group_size, capacity_dim.size, implementation)
-    if implementation == "ragged":
-      choices_dim = mtf.Dimension("choices", len(slots.rounds))
-      expert, gate = dispatch_lib.kept_experts(slots, experts_unsplit, choices_dim)
-      shard_dims = [mtf.Dimension(d.name, mtf.tensor_dim_to_mesh_dim_size(layout, mesh_shape, d))
-                    for d in (outer_dim, groups_dim)]
-      y = experts.ragged_expert_ffn(inputs, expert, experts_dim, hidden_dim, output_dim,
-                                    *ffn_args, shard_dims=shard_dims,
-                                    multiplicative_bias=self.multiplicative_bias)
-      y = mtf.einsum([y, mtf.cast(gate, y.dtype)], mtf.Shape(grouped + [output_dim]))
-      return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
-
-    if implementation == "einsum":
-      if dropless:
+    def einsum():
+      if g.dropless:
         dispatch_lib.check_dropless_einsum(
-            mtf.Shape(grouped + [experts_unsplit, capacity_dim]), layout, mesh_shape,
-            "SwitchFFN.dropless_" + mode, inference=predict)
-      mover = dispatch_lib.EinsumDispatch(slots, capacity_dim)
-    else:
-      mover = dispatch_lib.GatherDispatch(slots, experts_unsplit, capacity_dim)
+            mtf.Shape(g.grouped + [experts, g.capacity_dim]), g.layout, g.mesh_shape,
+            "SwitchFFN.dropless_" + g.mode, inference=predict)
+      return dispatch_lib.EinsumDispatch.from_slots(slots, g.capacity_dim)
+
+    return routed, balance_loss, {
+        "einsum": lambda *args: self._through_slots(einsum(), *args),
+        "gather": lambda *args: self._through_slots(
+            dispatch_lib.GatherDispatch(slots, experts, g.capacity_dim), *args),
+        "ragged": lambda *args: self._ragged(slots, *args)}
+
+  def _expert_choice(self, logits, nonpadding, g, train, predict):
+    """Router "expert_choice": as _token_choice, without a ragged path (every expert takes
+    exactly C tokens: no slack for it to skip; "ragged" runs the gather)."""
+    del train, predict  # no second-expert policy, no dropless routing
+    choice = routing.expert_choice_router(logits, nonpadding, g.experts_unsplit, g.group_dim,
+                                          g.capacity_dim, self.expert_choice_softmax)
+    balance_loss = (losses.expert_choice_balance_loss(choice.router_probs, nonpadding,
+                                                      g.experts_unsplit, g.group_dim)
+                    if self.expert_choice_softmax == "tokens" else mtf.zeros(logits.mesh, []))
+    chosen = choice.chosen
+    routed = metrics.Routed(chosen, mtf.reduce_sum(chosen, reduced_dim=g.experts_unsplit),
+                            mtf.reduce_max(choice.gate, reduced_dim=g.experts_unsplit), logits)
+    return routed, balance_loss, {
+        "einsum": lambda *args: self._through_slots(
+            dispatch_lib.EinsumDispatch.from_expert_choice(choice, g.group_dim), *args),
+        "gather": lambda *args: self._through_slots(
+            dispatch_lib.SlotGatherDispatch(choice, g.group_dim), *args)}
+
+  def _through_slots(self, mover, inputs, g, hidden_dim, output_dim, ffn_args):
+    """inputs [O, G`, S, M] -> capacity slots -> experts -> [O, G`, S, output_dim]."""
     # [O, G`, S, M] -> [O, E, G`, C, M]: gather each expert's tokens, groups still split.
-    expert_inputs = mover.dispatch(
-        inputs, mtf.Shape([outer_dim, experts_unsplit, groups_dim, capacity_dim, model_dim]))
+    outer_dim, groups_dim, _ = g.grouped
+    expert_inputs = mover.dispatch(inputs, mtf.Shape(
+        [outer_dim, g.experts_unsplit, groups_dim, g.capacity_dim, g.model_dim]))
     # Split over groups -> split over experts (an all-to-all when both map to one mesh axis).
     # The d_model_split step keeps the transfer cheap under model parallelism, as in MoE1D.
-    expert_inputs = _resplit(expert_inputs, [outer_dim, experts_dim, groups_unsplit,
-                                             capacity_dim], model_dim)
-    expert_outputs = self._experts(expert_inputs, experts_dim, hidden_dim, output_dim, ffn_args)
+    expert_inputs = _resplit(expert_inputs, [outer_dim, g.experts_dim, g.groups_unsplit,
+                                             g.capacity_dim], g.model_dim)
+    expert_outputs = self._experts(expert_inputs, g.experts_dim, hidden_dim, output_dim,
+                                   ffn_args)
     # Split over experts -> split over groups (the return all-to-all).
-    expert_outputs = _resplit(expert_outputs, [outer_dim, experts_unsplit, groups_dim,
-                                               capacity_dim], output_dim)
+    expert_outputs = _resplit(expert_outputs, [outer_dim, g.experts_unsplit, groups_dim,
+                                               g.capacity_dim], output_dim)
     # y = sum over slots of g_i(x) * E_i(x); a token with no slot gets 0 (only the residual).
-    y = mover.combine(expert_outputs, mtf.Shape(grouped + [output_dim]))
-    return mtf.reshape(y, orig_dims + [output_dim]), mtf.cast(aux_loss, x.dtype)
+    return mover.combine(expert_outputs, mtf.Shape(g.grouped + [output_dim]))
 
-  def _record(self, mode, dropless, num_groups, group_size, capacity, implementation):
+  def _ragged(self, slots, inputs, g, hidden_dim, output_dim, ffn_args):
+    """Each token times its own experts' weights (experts.ragged_expert_ffn), no slots."""
+    choices_dim = mtf.Dimension("choices", len(slots.rounds))
+    expert, gate = dispatch_lib.kept_experts(slots, g.experts_unsplit, choices_dim)
+    shard_dims = [mtf.Dimension(d.name, mtf.tensor_dim_to_mesh_dim_size(g.layout, g.mesh_shape,
+                                                                        d))
+                  for d in g.grouped[:2]]
+    y = experts.ragged_expert_ffn(inputs, expert, g.experts_dim, hidden_dim, output_dim,
+                                  *ffn_args, shard_dims=shard_dims,
+                                  multiplicative_bias=self.multiplicative_bias)
+    return mtf.einsum([y, mtf.cast(gate, y.dtype)], mtf.Shape(g.grouped + [output_dim]))
+
+  def _record(self, g, implementation):
     """Adds this layer's effective settings to the LAYERS collection (expert_capacity: C of the
-    slot dispatches, S when dropless)."""
-    train = mode == "train"
+    slot dispatches, S when dropless; experts_per_token: k, or E * C / S on average for expert
+    choice)."""
+    train = g.mode == "train"
+    group_size, capacity = g.group_dim.size, g.capacity_dim.size
     settings = {name: getattr(self, name) for name in (
         "num_experts", "num_selected_experts", "hidden_size", "activation", "router_policy",
         "loss_coef", "router_z_loss_coef", "init_scale", "batch_prioritized_routing",
-        "no_token_left_behind", "expert_dropout_rate")}
+        "no_token_left_behind", "expert_dropout_rate", "router")}
+    expert_choice = self.router == "expert_choice"
     settings.update(
-        scope=tf.get_variable_scope().name + "/", train=train, mode=mode,
-        dropless=bool(dropless), groups=num_groups,
+        scope=tf.get_variable_scope().name + "/", train=train, mode=g.mode,
+        dropless=bool(g.dropless), groups=g.groups_unsplit.size,
         group_size=group_size, expert_capacity=capacity, dispatch=implementation,
         capacity_factor=self.capacity_factor_train if train else self.capacity_factor_eval,
-        second_policy=self.second_policy_train if train else self.second_policy_eval)
+        second_policy=self.second_policy_train if train else self.second_policy_eval,
+        experts_per_token=(self.num_experts * capacity / group_size if expert_choice
+                           else self.num_selected_experts))
     tf.add_to_collection(LAYERS, json.dumps(settings))
-    tf.logging.info("Switch layer %s (%s): %d experts, k=%d, %d groups x %d tokens, %s, %s "
-                    "dispatch", settings["scope"], mode, self.num_experts,
-                    self.num_selected_experts, num_groups, group_size,
-                    "dropless" if dropless else "capacity %d per expert" % capacity,
-                    implementation)
+    tf.logging.info("Switch layer %s (%s): %d experts, %s, %d groups x %d tokens, %s, %s "
+                    "dispatch", settings["scope"], g.mode, self.num_experts,
+                    "expert choice (%s)" % self.expert_choice_softmax if expert_choice else
+                    "%s k=%d" % (self.router, self.num_selected_experts),
+                    g.groups_unsplit.size, group_size,
+                    "dropless" if g.dropless else "capacity %d per expert%s" % (
+                        capacity, " (dropless does not apply to expert choice)"
+                        if expert_choice and self.dropless_predict and g.mode == "predict"
+                        else ""), implementation)
+
+
+class Geometry(collections.namedtuple("Geometry", [
+    "orig_dims", "model_dim", "grouped", "experts_dim", "experts_unsplit", "groups_unsplit",
+    "capacity_dim", "layout", "mesh_shape", "mode", "dropless"])):
+  """A Switch layer's dimensions for one input (SwitchFFN._geometry).
+
+  orig_dims: x's dimensions but the last; model_dim: M; grouped: [O, G, S] (G keeps the batch's
+  name, so that groups are split over the batch mesh axis); experts_dim: E as the layout splits
+  it, experts_unsplit: E within a group; groups_unsplit: G where experts are split;
+  capacity_dim: C; mode: "train" | "eval" | "predict"; dropless: whether that mode is dropless.
+  """
+  __slots__ = ()
+
+  @property
+  def group_dim(self):
+    return self.grouped[2]
+
+
+def _grouped_nonpadding(nonpadding, x, g):
+  """float32 [O, G, S]: 1 for real tokens (None or 1 when the context knows there is no padding,
+  e.g. decoding)."""
+  if isinstance(nonpadding, mtf.Tensor):
+    return mtf.reshape(mtf.zeros(x.mesh, g.orig_dims, tf.float32) + mtf.to_float(nonpadding),
+                       g.grouped)
+  return mtf.ones(x.mesh, mtf.Shape(g.grouped), tf.float32)
 
 
 def is_inference(mode):

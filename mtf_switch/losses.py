@@ -25,3 +25,14 @@ def router_z_loss(router_logits, nonpadding, experts_dim):
   log_z = mtf.reduce_logsumexp(router_logits, reduced_dim=experts_dim)
   return (mtf.reduce_sum(mtf.square(log_z) * nonpadding) /
           mtf.maximum(mtf.reduce_sum(nonpadding), 1.0))
+
+
+def expert_choice_balance_loss(router_probs, nonpadding, experts_dim, group_dim):
+  """MoE1D's expert_selection loss: mean over groups of S' sum_s (1/E sum_e p_e(s))^2, S' the
+  group's real tokens and p softmax over its tokens (routing.expert_choice_router); it pushes
+  each token's mean probability to 1/S' and equals 1 when routing is uniform. Padding is
+  excluded; empty groups count 0, as in MoE1D."""
+  mean_p = mtf.reduce_mean(router_probs, reduced_dim=experts_dim) * nonpadding  # [O, G, S]
+  real = mtf.reduce_sum(nonpadding, reduced_dim=group_dim)  # S' [O, G]
+  # L_B = mean_groups S' sum_s (1/E sum_e p_e(s))^2
+  return mtf.reduce_mean(mtf.reduce_sum(mtf.square(mean_p), reduced_dim=group_dim) * real)

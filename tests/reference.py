@@ -1,6 +1,7 @@
 """An independent numpy reference of the routed expert layer, token by token: Switch (paper Eq.
 1-4), top-k (GShard / Switch Table 1 MoE-Base / ST-MoE top-n), batch-prioritized routing (ST-MoE
-App. D), no-token-left-behind (Switch App.), z-loss (ST-MoE Eq. 5) and the multiplicative bias."""
+App. D), no-token-left-behind (Switch App.), z-loss (ST-MoE Eq. 5), the multiplicative bias, and
+expert-choice routing (Zhou et al. 2022; mesh-tensorflow MoE1D's expert_selection)."""
 import numpy as np
 
 
@@ -16,6 +17,61 @@ def router_weights(weights):
   """The router kernel [d_model, E], whatever its scope name (switch_gating, top_2_gating...)."""
   (name,) = [k for k in weights if k.endswith("_gating")]
   return weights[name]
+
+
+def _expert_fn(weights, geglu):
+  bias = weights.get("multiplicative_bias")
+
+  def expert(e, t):
+    if geglu:
+      h = gelu(t @ weights["wi_0"][e]) * (t @ weights["wi_1"][e])
+    else:
+      h = relu(t @ weights["wi"][e])
+    if bias is not None:
+      h = h * bias[e]
+    return h @ weights["wo"][e]
+
+  return expert
+
+
+def _softmax(z, axis):
+  z = np.exp(z - z.max(axis, keepdims=True))
+  return z / z.sum(axis, keepdims=True)
+
+
+def expert_choice_reference(x, nonpadding, weights, num_groups, capacity, loss_coef,
+                            softmax="tokens", geglu=True, z_coef=0.0):
+  """Expert choice, expert by expert: each expert takes the `capacity` real tokens of the group
+  with the highest p (ties: earlier token), never padding. softmax "tokens" (MoE1D): p over the
+  group's real tokens, gate p / (experts the token reached), balance loss mean over groups of
+  S' sum_s (mean_e p)^2; "experts" (Zhou et al., flaxformer): p over experts, gate p, no
+  balance loss. Returns (y, aux loss, reached [batch, length] experts per token)."""
+  b, l, d = x.shape
+  tokens = x.reshape(num_groups, -1, d).astype(np.float64)
+  pad = (np.ones((b, l)) if nonpadding is None else nonpadding).reshape(num_groups, -1)
+  w_r = router_weights(weights)
+  expert = _expert_fn(weights, geglu)
+  y = np.zeros_like(tokens)
+  reached = np.zeros(pad.shape, int)
+  group_losses, z_terms = [], []
+  for g in range(num_groups):
+    real = np.flatnonzero(pad[g] > 0)
+    logits = tokens[g] @ w_r
+    p = np.zeros_like(logits)
+    if real.size:
+      p[real] = _softmax(logits[real], 0 if softmax == "tokens" else 1)
+    takes = [real[np.argsort(-p[real, e], kind="stable")[:capacity]]
+             for e in range(w_r.shape[1])]
+    for e, chosen in enumerate(takes):
+      reached[g, chosen] += 1
+    for e, chosen in enumerate(takes):
+      for s in chosen:
+        gate = p[s, e] / reached[g, s] if softmax == "tokens" else p[s, e]
+        y[g, s] += gate * expert(e, tokens[g, s])
+    group_losses.append(real.size * np.sum(p.mean(1) ** 2) if softmax == "tokens" else 0.0)
+    z_terms.extend(np.log(np.exp(logits[real]).sum(-1)) ** 2)
+  loss = loss_coef * np.mean(group_losses) + z_coef * (np.mean(z_terms) if z_terms else 0.0)
+  return y.reshape(b, l, d), loss, reached.reshape(b, l)
 
 
 def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, geglu=True, k=1,
@@ -36,16 +92,7 @@ def switch_reference(x, nonpadding, weights, num_groups, capacity, loss_coef, ge
   pad = pad.reshape(num_groups, -1)
   w_r = router_weights(weights)
   num_experts = w_r.shape[1]
-  bias = weights.get("multiplicative_bias")
-
-  def expert(e, t):
-    if geglu:
-      h = gelu(t @ weights["wi_0"][e]) * (t @ weights["wi_1"][e])
-    else:
-      h = relu(t @ weights["wi"][e])
-    if bias is not None:
-      h = h * bias[e]
-    return h @ weights["wo"][e]
+  expert = _expert_fn(weights, geglu)
 
   y = np.zeros_like(tokens)
   group_losses, z_terms = [], []

@@ -115,6 +115,12 @@ BAD_ARGUMENTS = [
                              "gelu, leaky_relu, linear, relu"),
     (dict(activation=["gelu", "lineer"]), "'lineer' is not an activation"),
     (dict(activation=[]), "no activation"),
+    (dict(router="experts_choose"), "Unknown SwitchFFN.router 'experts_choose'; choose one of "
+                                    "top_k, switch_max, expert_choice"),
+    (dict(expert_choice_softmax="group"), "Unknown SwitchFFN.expert_choice_softmax 'group'"),
+    (dict(router="switch_max", num_selected_experts=2), "router='switch_max' is top-1"),
+    (dict(router="expert_choice", dropless_train=True),
+     "router='expert_choice' drops no token.*unset SwitchFFN.dropless_train"),
 ]
 
 

@@ -132,7 +132,8 @@ def test_every_zoo_model_counts_and_switch_models_are_flop_matched():
   for model in zoo:
     got = counted(model)
     assert got["params"] > got["expert_params"] >= 0, model
-    assert (got["expert_params"] > 0) == model.startswith(("switch", "moe", "st_moe")), model
+    assert (got["expert_params"] > 0) == model.startswith(
+        ("switch", "moe", "st_moe", "expert_choice")), model
   plus = counted("switch_base_plus")
   assert plus["flops_per_sequence"] > counted("switch_base")["flops_per_sequence"]
 

@@ -1,4 +1,5 @@
-"""Layer-level interchangeability with mesh-tensorflow's MoE1D(moe_gating="switch").
+"""Layer-level interchangeability with mesh-tensorflow's MoE1D(moe_gating="switch", "top_2",
+"ntlb", "switch_max", "expert_selection").
 
 The same variables (by name) are fed to both layers, in both directions: a MoE1D checkpoint read
 by SwitchFFN and a SwitchFFN checkpoint read by MoE1D give identical outputs (bit for bit with
@@ -21,7 +22,7 @@ E, HIDDEN, GROUP = 4, 16, 8
 
 def _context(length, model_dim, nonpadding, train):
   model = types.SimpleNamespace(ensemble_dim=None, model_dim=model_dim, layout="",
-                                mesh_shape="")
+                                mesh_shape="", autoregressive=False)
   return types.SimpleNamespace(
       model=model, train=train, length_dim=length, nonpadding=nonpadding, losses=[],
       mode=tf.estimator.ModeKeys.TRAIN if train else tf.estimator.ModeKeys.EVAL,
@@ -38,11 +39,13 @@ GATINGS = {
               dict(num_selected_experts=2, second_policy_train="threshold",
                    second_policy_eval="threshold", second_threshold=0.3)),
     "ntlb": (dict(ntlb_top_k=3), dict(no_token_left_behind=3)),
+    "switch_max": ({}, dict(router="switch_max")),
+    "expert_selection": ({}, dict(router="expert_choice")),
 }
 
 
 def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum",
-         gating="switch"):
+         gating="switch", min_capacity=4):
   """Builds one layer in scope layer_000/<class name> (as LayerStack does) and runs it."""
   with tf.Graph().as_default():
     tf.set_random_seed(1)
@@ -55,10 +58,11 @@ def _run(layer_cls, x, pad, train, ckpt_in=None, ckpt_out=None, dispatch="einsum
       layer = moe.MoE1D(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
                         moe_gating=gating, activation=["gelu", "linear"],
                         switch_policy_train="argmax", switch_policy_eval="argmax",
-                        min_expert_capacity=4, **GATINGS[gating][0])
+                        min_expert_capacity=min_capacity, **GATINGS[gating][0])
     else:
       layer = layers.SwitchFFN(num_experts=E, hidden_size=HIDDEN, group_size=GROUP,
-                               router_policy="argmax", min_capacity=4, dispatch=dispatch,
+                               router_policy="argmax", min_capacity=min_capacity,
+                               dispatch=dispatch,
                                **GATINGS[gating][1])
     with tf.variable_scope("layer_000"), tf.variable_scope(layer_cls.__name__):
       y = layer.call(ctx, mx)
@@ -139,3 +143,35 @@ def test_balance_loss_differs_from_moe1d_only_through_padding(tmp_path):
   _, loss_m, _ = _run(moe.MoE1D, x, pad, True, ckpt_in=ckpt)
   _, loss_s, _ = _run(layers.SwitchFFN, x, pad, True, ckpt_in=ckpt)
   assert abs(loss_s - loss_m) > 1e-4 * loss_s  # MoE1D counts padding in f_i.
+
+
+@pytest.mark.parametrize("gating", ["switch_max", "expert_selection"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("dispatch", ["einsum", "gather", "ragged"])
+def test_moe1d_switch_max_and_expert_selection_checkpoints_give_identical_outputs(
+    tmp_path, gating, train, dispatch):
+  """Both directions; the balance loss too for expert_selection (MoE1D's own formula, which
+  excludes padding); switch_max's counts padding in f_i, as MoE1D's switch does."""
+  rng = np.random.RandomState(6)
+  x = rng.randn(4, 8, 12).astype(np.float32)
+  pad = (rng.rand(4, 8) > 0.2).astype(np.float32)
+  pad[3, 2:] = 0.0  # a group with fewer real tokens than the capacity
+  # C = int(S cf / E) = 2 in training (tokens overflow switch_max's experts; expert choice
+  # leaves tokens without an expert), 4 in evaluation (expert choice gives some several).
+  kw = dict(gating=gating, min_capacity=1)
+  ckpt, back = str(tmp_path / "moe1d.ckpt"), str(tmp_path / "switch.ckpt")
+  y_m, loss_m, names_m = _run(moe.MoE1D, x, pad, train, ckpt_out=ckpt, **kw)
+  y_s, loss_s, names_s = _run(layers.SwitchFFN, x, pad, train, ckpt_in=ckpt, ckpt_out=back,
+                              dispatch=dispatch, **kw)
+  y_back, _, _ = _run(moe.MoE1D, x, pad, train, ckpt_in=back, **kw)
+  if train:  # some real tokens get only the residual
+    assert (np.abs(y_m).sum(-1)[pad > 0] == 0).any()
+  assert names_m == names_s and names_m[0] == "layer_000/MoE1D/%s_gating/kernel" % gating
+  assert np.abs(y_m).max() > 0
+  np.testing.assert_array_equal(y_back, y_m)
+  if dispatch == "einsum":
+    np.testing.assert_array_equal(y_s, y_m)
+  else:
+    np.testing.assert_allclose(y_s, y_m, rtol=1e-5, atol=1e-6)
+  if gating == "expert_selection":
+    np.testing.assert_allclose(loss_s, loss_m, rtol=1e-6)

@@ -173,12 +173,13 @@ def test_real_run_training_and_evaluation_summaries(pretrained_switch, tmp_path)
   for summaries, step in ((training, (0, 1)), (evaluation, (40,))):
     for layer, m in summaries.items():
       assert set(m) == {"expert_fraction/%d" % i for i in range(8)} | {
-          "dropped_fraction", "unrouted_fraction", "tokens"} | set(OTHER)
+          "dropped_fraction", "unrouted_fraction", "multi_expert_fraction", "tokens"} | set(OTHER)
       (steps, _), = {(tuple(s), 0) for s, _ in m.values()}
       assert len(steps) == 1 and steps[0] in step
       fractions = sum(m["expert_fraction/%d" % i][1] for i in range(8))
       np.testing.assert_allclose(fractions, 1 - m["dropped_fraction"][1], atol=1e-5)
       np.testing.assert_allclose(m["unrouted_fraction"][1], m["dropped_fraction"][1], atol=1e-6)
+      assert np.all(m["multi_expert_fraction"][1] == 0)  # top-1
       assert np.all(m["router_entropy"][1] <= np.log(8) + 1e-5)
       assert np.all((m["top1_gate"][1] >= 1 / 8) & (m["top1_gate"][1] <= 1))
   # the decoder routes exactly the eval's target tokens
