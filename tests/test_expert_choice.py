@@ -255,35 +255,30 @@ def test_counter_counts_the_experts_a_token_reaches_on_average():
 # sides (SwitchFFN's token-choice layers are dropless there by default, MoE1D is not).
 MOE1D_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin",
                          "switch_tiny_moe1d.gin")
-BINARY_CASES = {
-    "expert_selection": ("gin/models/expert_choice_tiny.gin", ()),
-    "switch_max": (binary.SWITCH_GIN, ("encoder/SwitchFFN.router='switch_max'",)),
-}
-
-
-@pytest.mark.parametrize("gating", sorted(BINARY_CASES))
-def test_moe1d_checkpoint_scores_identically_under_switch_ffn(tmp_path, gating):
+# (switch_max, top-1 with batch-prioritized routing, interchanges at layer level both ways, bit
+# for bit: tests/test_moe1d_compat.py)
+def test_moe1d_checkpoint_scores_identically_under_switch_ffn(tmp_path, binary_env):
   from test_end_to_end import score  # pylint: disable=g-import-not-at-top
-  env = binary.environment(tmp_path / "cache")
+  env, gating = binary_env, "expert_selection"
   model_dir = tmp_path / "moe1d"
   moe1d_params = binary.SMALL + ("encoder/MoE1D.moe_gating='%s'" % gating,)
   binary.train(env, model_dir, MOE1D_GIN, 6, *moe1d_params)
   names = [n for n, _ in tf.train.list_variables(str(model_dir))]
   assert "encoder/block_000/layer_003/MoE1D/%s_gating/kernel" % gating in names
   by_moe1d = score(env, model_dir, MOE1D_GIN, tmp_path, *moe1d_params)
-  switch_gin, switch_params = BINARY_CASES[gating]
-  by_switch = score(env, model_dir, switch_gin, tmp_path, *binary.SMALL, *switch_params,
-                    "SwitchFFN.dropless_predict=False")
+  by_switch = score(env, model_dir, "gin/models/expert_choice_tiny.gin", tmp_path,
+                    *binary.SMALL, "SwitchFFN.dropless_predict=False")
   print("%s scores: MoE1D %s, SwitchFFN %s" % (gating, by_moe1d, by_switch))
   assert by_moe1d.shape == (3,) and np.all(by_moe1d < 0)
   np.testing.assert_allclose(by_switch, by_moe1d, rtol=1e-5)
 
 
-def test_expert_choice_tiny_trains_and_its_checkpoint_scores_identically_under_moe1d(tmp_path):
+def test_expert_choice_tiny_trains_and_its_checkpoint_scores_identically_under_moe1d(tmp_path,
+                                                                                   binary_env):
   """The other direction, and expert choice trained through the binary (routing summaries
   included): the loss is finite and falls, MoE1D's expert_selection reads the checkpoint."""
   from test_end_to_end import losses, score  # pylint: disable=g-import-not-at-top
-  env = binary.environment(tmp_path / "cache")
+  env = binary_env
   model_dir = tmp_path / "expert_choice"
   final = binary.train(env, model_dir, "gin/models/expert_choice_tiny.gin", 10, *binary.SMALL)
   assert np.isfinite(final) and final < losses(model_dir)[0]
