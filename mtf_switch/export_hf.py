@@ -48,6 +48,7 @@ False, other tokens: mtf_switch's groups hold several sequences).
 import argparse
 import os
 import shutil
+import sys
 
 import gin
 import mesh_tensorflow as mtf
@@ -350,8 +351,11 @@ def main(argv=None):
                       help="tokens per sequence for the default capacity (default: "
                            "utils.run.sequence_length['inputs'], else 512)")
   args = parser.parse_args(argv)
-  config = export(args.model_dir, args.out, args.checkpoint_step, args.expert_capacity,
-                  args.sequence_length)
+  try:
+    config = export(args.model_dir, args.out, args.checkpoint_step, args.expert_capacity,
+                    args.sequence_length)
+  except ValueError as e:  # what cannot be exported: the list, no traceback
+    sys.exit("error: %s" % e)
   print("wrote %s: SwitchTransformers, %d+%d layers, %d experts, expert_capacity %d, and its "
         "tokenizer" % (args.out, config.num_layers, config.num_decoder_layers,
                        config.num_experts, config.expert_capacity))
