@@ -112,7 +112,9 @@ def build(vocab_size):
                                   output_vocab_size=vocab_size, layout_rules=mtf.convert_to_layout_rules(""),
                                   mesh_shape=mtf.convert_to_shape(""))
     if not isinstance(model, transformer.Bitransformer):
-      return model, {}
+      raise ValueError("Cannot export to Hugging Face SwitchTransformers: %s is not an "
+                       "encoder-decoder (utils.run.model_type 'bitransformer')" %
+                       type(model).__name__)
     ids = mtf.import_tf_tensor(mesh, tf.ones([1, 4], tf.int32),
                                mtf.Shape([mtf.Dimension("batch", 1),
                                           mtf.Dimension("length", 4)]))
@@ -236,7 +238,7 @@ def hf_config(model, expert_capacity=None, sequence_length=None):
   config = SwitchTransformersConfig(
       vocab_size=model.decoder.output_vocab_dim.size, d_model=model.encoder.model_dim.size,
       expert_capacity=expert_capacity,
-      dropout_rate=_query("dropout_rate", 0.0),
+      dropout_rate=_query("%dropout_rate", 0.0),
       layer_norm_epsilon=_query("sublayer_rms_norm.epsilon", 1e-6),
       tie_word_embeddings=model.decoder.shared_embedding_and_softmax_weights,
       router_jitter_noise=first.jitter_eps if first.router_policy == "input_jitter" else 0.0,
