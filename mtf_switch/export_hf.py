@@ -143,8 +143,8 @@ def _hf_layers(stack, layer_list, problems):
 def _num_sparse(stack, sparse, problems):
   """HF's num_sparse_{stack}_layers giving this pattern (convert_hf.sparse_layers)."""
   n = len(sparse)
-  for k in range(1, n + 1):
-    if convert_hf.sparse_layers(n, n // k) == sparse:
+  for k in [sum(sparse)] + list(range(1, n + 1)):  # the count itself if it gives the pattern
+    if k and convert_hf.sparse_layers(n, n // k) == sparse:
       return k
   problems.append("%s sparse layers %s of %d: HF puts them at i %% step == 1 (every other "
                   "layer from the second, every layer, ...)" % (
