@@ -12,7 +12,9 @@ Offline:
   SwitchTransformersForConditionalGeneration.from_pretrained(HF_DIR) and
   AutoTokenizer.from_pretrained(HF_DIR) (a tokenizers-backed fast tokenizer: transformers 5's
   T5Tokenizer rebuilds its Unigram model without SentencePiece's byte fallback, which the
-  default corpus vocabulary uses).
+  default corpus vocabulary uses). It encodes as seqio does, with sentinels between spaces or
+  at the end (as span corruption writes them); HF decodes "a <extra_id_0> b" as
+  "a<extra_id_0> b", as HF's own T5 tokenizers do.
 Needs transformers and torch.
 
 Exportable: what Hugging Face's architecture computes. Encoder-decoder stacks of T5 layers
@@ -47,7 +49,6 @@ False, other tokens: mtf_switch's groups hold several sequences).
 """
 import argparse
 import os
-import shutil
 import sys
 
 import gin
@@ -104,13 +105,14 @@ def vocabulary():
 
 
 def build(vocab_size):
-  """The configured Bitransformer and its variables {name: shape}, built for inference (nothing
+  """The configured Bitransformer and the names of its variables, built for inference (nothing
   allocated)."""
   with tf.Graph().as_default():
     mesh = mtf.Mesh(mtf.Graph(), "export_mesh")
-    model = mtf_utils.build_model(model_type="bitransformer", input_vocab_size=vocab_size,
-                                  output_vocab_size=vocab_size, layout_rules=mtf.convert_to_layout_rules(""),
-                                  mesh_shape=mtf.convert_to_shape(""))
+    model = mtf_utils.build_model(
+        model_type=_query("utils.run.model_type", "bitransformer"),
+        input_vocab_size=vocab_size, output_vocab_size=vocab_size,
+        layout_rules=mtf.convert_to_layout_rules(""), mesh_shape=mtf.convert_to_shape(""))
     if not isinstance(model, transformer.Bitransformer):
       raise ValueError("Cannot export to Hugging Face SwitchTransformers: %s is not an "
                        "encoder-decoder (utils.run.model_type 'bitransformer')" %
@@ -121,7 +123,7 @@ def build(vocab_size):
     model.call_simple(inputs=ids, targets=ids, compute_loss=True,
                       mode=tf.estimator.ModeKeys.PREDICT,
                       variable_dtype=mtf.VariableDType(tf.float32, tf.float32, tf.float32))
-    return model, {v.name: v.shape.to_integer_list for v in mesh.graph.all_variables}
+    return model, {v.name for v in mesh.graph.all_variables}
 
 
 def _hf_layers(stack, layer_list, problems):
@@ -260,8 +262,8 @@ def _checkpoint(model_dir, step):
 
 
 def hf_state(plan, variables, read):
-  """{HF tensor: float32 array} from {mtf variable: shape} and read(name) -> its value; every
-  variable must be in the plan (variable_map) and every planned one built."""
+  """{HF tensor: float32 array} from the model's variable names and read(name) -> its value;
+  every variable must be in the plan (variable_map) and every planned one built."""
   unmapped = sorted(set(variables) - set(plan))
   missing = sorted(set(plan) - set(variables))
   if unmapped or missing:
@@ -279,8 +281,8 @@ def _hf_model(config, state):
   """The HF model holding state; the input embeddings (and a tied lm_head) that the plan does
   not name copy shared.weight, as HF's own ties do."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import SwitchTransformersForConditionalGeneration  # pylint: disable=g-import-not-at-top
-  model = SwitchTransformersForConditionalGeneration(config).eval()
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
   params = model.state_dict()
   copies = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] + (
       ["lm_head.weight"] if config.tie_word_embeddings else [])
@@ -303,20 +305,21 @@ def _hf_model(config, state):
   return model
 
 
-def tokenizer(vocab):
-  """A fast tokenizer encoding and decoding as the seqio SentencePieceVocabulary `vocab` (T5
-  ids, byte fallback, <extra_id_i> = id sp_size + extra_ids - 1 - i)."""
+def tokenizer(path, extra):
+  """A fast tokenizer encoding and decoding as seqio's SentencePieceVocabulary of the local
+  SentencePiece model `path` with `extra` extra ids (T5 ids, byte fallback, <extra_id_i> = id
+  sp_size + extra - 1 - i)."""
   from tokenizers import decoders, models  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast, T5Tokenizer  # pylint: disable=g-import-not-at-top
-  path = vocab.sentencepiece_model_file
-  extra = vocab.extra_ids
-  t5 = T5Tokenizer.from_pretrained(os.path.dirname(path), vocab_file=path, extra_ids=extra)
+  import transformers  # pylint: disable=g-import-not-at-top
+  t5 = transformers.T5Tokenizer.from_pretrained(os.path.dirname(path), vocab_file=path,
+                                                extra_ids=extra)
   backend = t5.backend_tokenizer
   # T5Tokenizer drops SentencePiece's byte fallback (pieces <0x00>..<0xFF>) in both directions.
-  backend.model = models.Unigram(t5._vocab_scores, unk_id=2, byte_fallback=True)  # pylint: disable=protected-access
+  scores = t5._vocab_scores  # pylint: disable=protected-access
+  backend.model = models.Unigram(scores, unk_id=2, byte_fallback=True)
   backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                        decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-  return PreTrainedTokenizerFast(
+  return transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
       extra_ids=extra, additional_special_tokens=["<extra_id_%d>" % i for i in range(extra)])
 
@@ -330,11 +333,11 @@ def export(model_dir, out, checkpoint_step=None, expert_capacity=None, sequence_
   reader = tf.train.load_checkpoint(_checkpoint(model_dir, checkpoint_step))
   state = hf_state(convert_hf.variable_map(config, shared_inputs), variables, reader.get_tensor)
   hf = _hf_model(config, state)
-  tok = tokenizer(vocab)
   os.makedirs(out, exist_ok=True)
+  spiece = os.path.join(out, "spiece.model")  # also a local copy of a remote (gs://) model
+  tf.io.gfile.copy(vocab.sentencepiece_model_file, spiece, overwrite=True)
   hf.save_pretrained(out)
-  tok.save_pretrained(out)
-  shutil.copyfile(vocab.sentencepiece_model_file, os.path.join(out, "spiece.model"))
+  tokenizer(spiece, vocab.extra_ids).save_pretrained(out)
   return config
 
 
