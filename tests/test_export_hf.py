@@ -1,12 +1,10 @@
 """mtf_switch.export_hf against PyTorch: (a) tiny random Hugging Face SwitchTransformers models
 (test_convert_hf's two cases) imported with convert_hf and exported back give the original
-tensors and config; (b) a 2-layer switch_tiny_classic trained here through the binary (40 steps, seeded), exported,
-scores in PyTorch as `--mode=score` does (target + EOS, capacity above every sequence length:
+tensors and config; (b) a 2-layer switch_tiny_classic trained here through the binary (40
+seeded steps), exported, scores in PyTorch as `--mode=score` does (target + EOS, capacity above every sequence length:
 nothing dropped on either side) to 1e-4 per example and greedy-decodes as `--mode=predict`;
 (c) the exported tokenizer encodes and decodes as seqio's vocabulary; (d) what HF cannot
 represent is one error listing every feature, and nothing is written. No network."""
-import os
-import subprocess
 import sys
 
 import numpy as np
