@@ -174,6 +174,16 @@ def _stacked_transposed(arrays):
   return np.stack([a.T for a in arrays])
 
 
+# The inverse of each of those: an mtf variable's value -> its HF tensors (mtf_switch.export_hf).
+_TO_HF = {_transposed: lambda value: [value.T], _same: lambda value: [value],
+          _stacked_transposed: lambda value: [e.T for e in value]}
+
+
+def to_hf(fn, value):
+  """The HF arrays of which fn (a variable_map function) gives value."""
+  return _TO_HF[fn](value)
+
+
 def variable_map(config, shared_inputs=True):
   """{mtf variable: (HF tensor names, function of their arrays giving its value)}.
 
