@@ -93,7 +93,7 @@ def test_round_trip_gives_the_original_tensors_and_config(work, case):
     assert name in unused or torch.equal(after[name], tensor), name
 
 
-def test_pytorch_scores_and_decodes_as_the_binary(work):
+def test_pytorch_scores_and_decodes_as_the_binary(work, binary_env, monkeypatch):
   model = load(work / "classic_hf")
   tokenizer = transformers.AutoTokenizer.from_pretrained(work / "classic_hf")
   assert model.config.expert_capacity == CAPACITY and model.config.dense_act_fn == "relu"
@@ -112,9 +112,12 @@ def test_pytorch_scores_and_decodes_as_the_binary(work):
     out = model.generate(**batch, max_new_tokens=LENGTH, do_sample=False, num_beams=1)
   decodes = [until_eos(ids[1:]) for ids in out.tolist()]  # after the start id 0
   assert len(predicted) == len(INPUTS) and all(decodes)
-  # The binary writes text: compared as ids (a model this young decodes mostly sentinels,
-  # which HF's decode writes without spaces).
-  assert decodes == [tokenizer(p, add_special_tokens=False).input_ids for p in predicted]
+  # The binary writes the decodes as text through seqio's vocabulary: PyTorch's ids decoded the
+  # same way (not the text re-encoded: HF's tokenizer adds a space piece after a sentinel
+  # followed by text, and a model this young decodes mostly sentinels).
+  monkeypatch.setenv("MTF_SWITCH_CACHE", binary_env["MTF_SWITCH_CACHE"])
+  import mtf_switch.tasks  # pylint: disable=g-import-not-at-top
+  assert [mtf_switch.tasks.VOCABULARY.decode(d) for d in decodes] == predicted
 
 
 def until_eos(ids):
