@@ -130,6 +130,20 @@ def rng():
   return np.random.RandomState(0)
 
 
+def layer_graph(layer, batch, length, d_model=8):
+  """The mesh-tensorflow graph of `layer` applied in training to zeros [batch, length, d_model]
+  on one device (for tests of which operations a dispatch builds)."""
+  graph = mtf.Graph()
+  mesh = mtf.Mesh(graph, "mesh")
+  dims = [mtf.Dimension("batch", batch), mtf.Dimension("length", length)]
+  model_dim = mtf.Dimension("d_model", d_model)
+  with tf.Graph().as_default():
+    x = mtf.zeros(mesh, mtf.Shape(dims + [model_dim]))
+    layer.apply(x, model_dim, train=True, variable_dtype=mtf.VariableDType(), layout="",
+                mesh_shape="")
+  return graph
+
+
 def numpy_examples(make_dataset, n=None):
   """Elements of make_dataset() (the first n) as numpy, via a session: eager mode is disabled
   here, as t5_mesh_transformer does."""

@@ -8,6 +8,7 @@ from tensorflow.python.tpu import tpu_function  # pylint: disable=g-direct-tenso
 
 from mtf_switch import dispatch as dispatch_lib
 from mtf_switch import layers
+from conftest import layer_graph
 from conftest import run_switch
 
 # name: (x shape, mesh_shape, layout, devices, experts, expects all-to-alls)
@@ -81,14 +82,8 @@ def test_dispatch_equals_einsum_dispatch(rng, train, dispatch, activation):
 
 
 def _einsum_shapes(dispatch):
-  graph = mtf.Graph()
-  mesh = mtf.Mesh(graph, "mesh")
-  dims = [mtf.Dimension("batch", 4), mtf.Dimension("length", 256)]
-  model_dim = mtf.Dimension("d_model", 8)
-  with tf.Graph().as_default():
-    x = mtf.zeros(mesh, mtf.Shape(dims + [model_dim]))
-    layers.SwitchFFN(num_experts=4, hidden_size=16, group_size=256, dispatch=dispatch).apply(
-        x, model_dim, train=True, variable_dtype=mtf.VariableDType(), layout="", mesh_shape="")
+  graph = layer_graph(layers.SwitchFFN(num_experts=4, hidden_size=16, group_size=256,
+                                       dispatch=dispatch), 4, 256)
   return [set(op.outputs[0].shape.dimension_names) | {
       n for t in op.inputs for n in t.shape.dimension_names}
           for op in graph.operations if isinstance(op, mtf.ops.EinsumOperation)]

@@ -20,6 +20,7 @@ from mtf_switch import report
 
 import binary
 import reference
+from conftest import layer_graph
 from conftest import run_switch
 from test_distributed import LAYOUTS, _assert_same
 
@@ -134,14 +135,7 @@ def test_expert_choice_in_bfloat16_routes_as_float32(rng, dispatch):
 
 
 def test_expert_choice_gather_has_no_one_hot_einsum():
-  graph = mtf.Graph()
-  mesh = mtf.Mesh(graph, "mesh")
-  dims = [mtf.Dimension("batch", 4), mtf.Dimension("length", 64)]
-  model_dim = mtf.Dimension("d_model", 8)
-  with tf.Graph().as_default():
-    x = mtf.zeros(mesh, mtf.Shape(dims + [model_dim]))
-    _layer(dispatch="gather", group_size=64).apply(
-        x, model_dim, train=True, variable_dtype=mtf.VariableDType(), layout="", mesh_shape="")
+  graph = layer_graph(_layer(dispatch="gather", group_size=64), 4, 64)
   for op in graph.operations:
     names = {n for t in op.inputs + op.outputs for n in t.shape.dimension_names}
     assert not {"group", "expert_unsplit", "expert_capacity"} <= names or not isinstance(
