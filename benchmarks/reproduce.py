@@ -132,7 +132,9 @@ def dropped_in_training(model_dir, from_step):
   return out
 
 
-def train_and_evaluate(name, model_gin, params, args):
+def train_and_evaluate(name, model_gin, params, args, eval_params=()):
+  """Trains (unless --workdir holds this run's result.json) and evaluates the run's checkpoints
+  (all of them, or what eval_params select); returns the run's result.json as a dict."""
   model_dir = os.path.join(args.workdir, name)
   result_path = os.path.join(model_dir, "result.json")
   params = params + args.gin_param
@@ -152,7 +154,8 @@ def train_and_evaluate(name, model_gin, params, args):
   times, steps_per_s = training_times(log)
   start = time.time()
   log = run_binary(train_cmd + ["--gin_file=perplexity_eval.gin",
-                               "--gin_param=utils.run.dataset_split='validation'"],
+                               "--gin_param=utils.run.dataset_split='validation'"]
+                   + list(eval_params),
                    os.path.join(model_dir, "eval.log"))
   evals = evaluations(log)
   result = {
@@ -348,14 +351,14 @@ def markdown(results, rows, args, elapsed):
   return "\n".join(out)
 
 
-def write_results(section):
+def write_section(section, begin, end, title):
+  """Replaces RESULTS.md's text between the markers begin and end (or appends it under title)."""
   text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-  if BEGIN in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + section + rest.split(END, 1)[1]
+  if begin in text:
+    head, rest = text.split(begin, 1)
+    text = head + section + rest.split(end, 1)[1]
   else:
-    text = (text.rstrip("\n") + "\n\n## CPU-scale reproduction: Fig. 4 and Table 1\n\n" + section
-            + "\n")
+    text = text.rstrip("\n") + "\n\n## %s\n\n%s\n" % (title, section)
   with open(RESULTS, "w") as f:
     f.write(text)
 
@@ -392,7 +395,7 @@ def main():
     print(section)
   else:
     plot(results, rows)
-    write_results(section)
+    write_section(section, BEGIN, END, "CPU-scale reproduction: Fig. 4 and Table 1")
     print(section)
 
 

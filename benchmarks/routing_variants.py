@@ -1,76 +1,105 @@
-"""Top-1, top-2 and batch-prioritized routing at capacity factor 1.0: switch_tiny trained through
-the stock t5_mesh_transformer on the embedded corpus (gin/runs/pretrain_cpu.gin), one variant
-after the other with the same data order, steps and schedule.
+"""Routers side by side at CPU scale: top-1 (Switch), top-2 (MoE), batch-prioritized routing and
+expert choice in the encoder, at training capacity factors 1.0 and 2.0, against the dense model.
 
-  python benchmarks/routing_variants.py [--steps 600]
+  python benchmarks/routing_variants.py [--workdir DIR] [--steps N] [--seed S] [--no_results]
 
-Prints a markdown table per variant: the training loss (final step, and the mean of the last 50
-steps, from the binary's per-step log), the fraction of tokens that got no expert and the
-fraction of routing requests (one per used choice) that found no slot (the Switch layers'
-`unrouted_fraction` and `dropped_fraction` summaries, mean over layers and over the recorded
-steps after the first) and steps/s.
+Every run is one of benchmarks/reproduce.py's, trained the same way (t5_mesh_transformer,
+gin/runs/reproduce_cpu.gin on GCIDE, same data order, seed, steps and schedule), so dense,
+switch-cf* and top2-cf* are reproduce.py's Table 1 runs (E = TABLE1_EXPERTS) and a --workdir
+that holds them is reused. The new runs change only the encoder's router of switch_mini:
+  - bpr-cf*: batch-prioritized routing (Riquelme et al. 2021; ST-MoE's encoder);
+  - ec-cf*: expert choice (Zhou et al. 2022, MoE1D's expert_selection), evaluated at its training
+    capacity factor (its capacity sets the experts per token: E C / S = cf on average), where
+    every token-choice router is evaluated at capacity factor 2.0.
+Each new run is evaluated at its last checkpoint only (reproduce.py's runs at every one).
+Writes the section of benchmarks/RESULTS.md between this script's markers: held-out neg log
+perplexity at the last step, its difference to dense, step time relative to dense (this run's
+steps/s, median over checkpoint intervals) and the training fractions of tokens that got no
+expert and of routing requests that found no slot.
 """
 import argparse
-import glob
 import os
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
+import time
 
-import tensorflow.compat.v1 as tf
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reproduce  # pylint: disable=g-import-not-at-top
 
-BINARY = os.path.join(os.path.dirname(sys.executable), "t5_mesh_transformer")
-VARIANTS = {
-    "top-1 (Switch)": [],
-    "top-2 (MoE-Base: second expert w.p. min(1, g2/0.2))": [
-        "SwitchFFN.num_selected_experts = 2", "SwitchFFN.router_policy = 'argmax'"],
-    "top-1 + BPR in the encoder": ["encoder/SwitchFFN.batch_prioritized_routing = True"],
+BEGIN, END = "<!-- routing_variants.py: begin -->", "<!-- routing_variants.py: end -->"
+ROUTERS = {
+    "switch": ("top-1 (Switch)", "gin/models/switch_mini.gin", []),
+    "top2": ("top-2 (MoE, second expert w.p. min(1, g2/0.2))", "gin/models/moe_mini_top2.gin", []),
+    "bpr": ("top-1, batch-prioritized in the encoder", "gin/models/switch_mini.gin",
+            ["encoder/SwitchFFN.batch_prioritized_routing=True"]),
+    "ec": ("expert choice in the encoder, top-1 in the decoder", "gin/models/switch_mini.gin",
+           ["encoder/SwitchFFN.router='expert_choice'"]),
 }
+CAPACITY_FACTORS = (1.0, 2.0)
 
 
-def run(params, steps, workdir):
-  model_dir = tempfile.mkdtemp(dir=workdir)
-  cmd = [BINARY, "--module_import=mtf_switch", "--gin_file=gin/models/switch_tiny.gin",
-         "--gin_file=gin/runs/pretrain_cpu.gin", "--model_dir=" + model_dir,
-         "--gin_param=utils.run.train_steps=%d" % steps,
-         "--gin_param=utils.run.save_checkpoints_steps=%d" % steps,
-         "--gin_param=SwitchFFN.capacity_factor_train = 1.0"]
-  cmd += ["--gin_param=" + p for p in params]
-  proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-  if proc.returncode:
-    sys.exit(proc.stderr[-3000:])
-  losses = [float(v) for v in re.findall(r"step, tf_loss\[([0-9.]+)\]", proc.stderr)]
-  rates = [float(r) for r in re.findall(r"global_step/sec: ([0-9.]+)", proc.stderr)]
-  summaries = {"unrouted_fraction": {}, "dropped_fraction": {}}
-  for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
-    for event in tf.train.summary_iterator(path):
-      for value in event.summary.value:
-        metric = value.tag.rpartition("/")[2]
-        if value.tag.startswith("switch/") and metric in summaries and event.step > 1:
-          summaries[metric].setdefault(value.tag, []).append(value.simple_value)
-  result = {"final": losses[-1], "last50": statistics.mean(losses[-50:]),
-            "layers": len(summaries["dropped_fraction"]),
-            "steps_per_s": statistics.median(rates[1:])}
-  for metric, layers in summaries.items():
-    result[metric] = statistics.mean(statistics.mean(v) for v in layers.values())
-  return result
+def runs():
+  """[(name, router description, model gin, gin params, evaluate every checkpoint)]."""
+  out = [("dense", "dense (t5_mini)", "gin/models/t5_mini.gin", [], True)]
+  for cf in CAPACITY_FACTORS:
+    for key, (label, model_gin, params) in ROUTERS.items():
+      table1 = ["SwitchFFN.num_experts=%d" % reproduce.TABLE1_EXPERTS,
+                "SwitchFFN.capacity_factor_train=%g" % cf]
+      if key == "ec":
+        table1.append("encoder/SwitchFFN.capacity_factor_eval=%g" % cf)
+      out.append(("%s-cf%r" % (key, cf), label, model_gin, table1 + params,
+                  key in ("switch", "top2")))
+  return out
+
+
+def markdown(results, args, elapsed):
+  dense = results["dense"]
+  step = max(int(s) for s in dense["eval"])
+  d_nlp = dense["eval"][str(step)]["neg_log_perplexity"]
+  out = [BEGIN, "",
+         "`python benchmarks/routing_variants.py --steps %d --seed %d` (%s; %.0f min of training "
+         "and evaluation on this machine, 2 CPU cores). Every run: `%s` plus the row's bindings."
+         % (args.steps, args.seed, time.strftime("%Y-%m-%d"), elapsed / 60,
+            dense["command"].replace(args.workdir, "WORKDIR")), "",
+         "| router (E=%d) | training cf | held-out neg log perplexity, step %d | vs dense | "
+         "step time / dense | tokens without an expert (train) | requests dropped (train) |"
+         % (reproduce.TABLE1_EXPERTS, step), "|---|---|---|---|---|---|---|"]
+  for name, label, _, _, _ in runs():
+    r = results[name]
+    nlp = r["eval"][str(step)]["neg_log_perplexity"]
+    dropped = r["dropped"] or {}
+    out.append("| %s | %s | %.3f | %s | %.2f | %s | %s |" % (
+        label, name.partition("-cf")[2] or "-", nlp,
+        "-" if name == "dense" else "%+.3f" % (nlp - d_nlp),
+        dense["steps_per_s"] / r["steps_per_s"],
+        reproduce._fmt(dropped.get("unrouted_fraction"), "%.3f", "-"),
+        reproduce._fmt(dropped.get("dropped_fraction"), "%.3f", "-")))
+  out += ["", END]
+  return "\n".join(out)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--seed", type=int, default=1)
+  parser.add_argument("--workdir", default="runs/reproduce",
+                      help="run directory; reproduce.py's default, so its runs are reused")
+  parser.add_argument("--no_results", action="store_true",
+                      help="print the table instead of writing RESULTS.md")
   args = parser.parse_args()
-  print("| routing (cf 1.0, %d steps) | final loss | mean loss, last 50 steps | tokens without "
-        "an expert | requests dropped | steps/s |" % args.steps, flush=True)
-  print("|---|---|---|---|---|---|", flush=True)
-  with tempfile.TemporaryDirectory() as workdir:
-    for name, params in VARIANTS.items():
-      r = run(params, args.steps, workdir)
-      print("| %s | %.3f | %.3f | %.4f | %.4f | %.2f |" % (
-          name, r["final"], r["last50"], r["unrouted_fraction"], r["dropped_fraction"],
-          r["steps_per_s"]), flush=True)
+  args.workdir = os.path.abspath(args.workdir)
+  args.gin_param = []
+  results = {}
+  for name, _, model_gin, params, every_checkpoint in runs():
+    print("%-12s" % name, end=" ", flush=True)
+    eval_params = [] if every_checkpoint else [
+        "--gin_param=utils.run.eval_checkpoint_step=%d" % args.steps]
+    results[name] = reproduce.train_and_evaluate(name, model_gin, params, args, eval_params)
+    print("%.2f steps/s" % results[name]["steps_per_s"], flush=True)
+  section = markdown(results, args, sum(
+      r["train_wall_s"] + r["eval_wall_s"] for r in results.values()))
+  print(section)
+  if not args.no_results:
+    reproduce.write_section(section, BEGIN, END, "Routers side by side at CPU scale (issue 19)")
 
 
 if __name__ == "__main__":
