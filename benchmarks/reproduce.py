@@ -14,7 +14,9 @@ spans for every model and checkpoint) and writes benchmarks/reproduce/*.png and 
 benchmarks/RESULTS.md between its markers: held-out neg log perplexity at fixed steps, steps and
 training seconds to the dense model's final quality (the paper's speedup), step time relative to
 dense (this run), fraction of routing requests dropped in training, and the paper's numbers.
-Runs with a result.json in --workdir are not run again (delete --workdir to start over).
+Runs with a result.json in --workdir are not run again (delete --workdir to start over); a run
+stopped before its result.json resumes from its last checkpoint when the command is repeated
+(its training log keeps every process's checkpoint times).
 """
 import argparse
 import json
@@ -82,8 +84,10 @@ def command(model_dir, model_gin, params, steps, seed, *extra):
           ] + ["--gin_param=" + p for p in params] + list(extra)
 
 
-def run_binary(cmd, log_path):
-  with open(log_path, "w") as log:
+def run_binary(cmd, log_path, append=False):
+  """Runs cmd, its output into log_path after a line holding the command (appended to the log
+  with append: one segment per process of a resumed run); returns the whole log."""
+  with open(log_path, "a" if append else "w") as log:
     log.write(" ".join(cmd) + "\n")
     log.flush()
     if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
@@ -101,13 +105,32 @@ def _seconds(match):
 
 
 def training_times(log):
-  """({checkpoint step: seconds since checkpoint 0 was saved}, steps/s): the median rate over the
-  intervals between checkpoints after the first (which includes the first loop's warm-up)."""
-  saved = {int(m.group(6)): _seconds(m) for m in re.finditer(
-      _STAMP[:-2] + r".*Saving checkpoints for (\d+) into", log, re.M)}
-  steps = sorted(saved)
-  rates = [(b - a) / (saved[b] - saved[a]) for a, b in zip(steps, steps[1:])]
-  return {s: t - saved[0] for s, t in saved.items()}, statistics.median(rates[1:] or rates)
+  """({checkpoint step: training seconds since step 0}, steps/s) from a training log with one
+  segment per process (run_binary's append). steps/s is the median rate over the intervals
+  between checkpoints of one process, after each process's first (which includes its warm-up);
+  steps that no process in the log timed (a resumed run's earlier process, whose log was lost)
+  count at that rate."""
+  segments = []
+  for text in re.split(r"^%s .*$" % re.escape(BINARY), log, flags=re.M):
+    saved = {int(m.group(6)): _seconds(m) for m in re.finditer(
+        _STAMP[:-2] + r".*Saving checkpoints for (\d+) into", text, re.M)}
+    if saved:
+      segments.append(saved)
+  rates = []
+  for saved in segments:
+    steps = sorted(saved)
+    intervals = [(b - a) / (saved[b] - saved[a]) for a, b in zip(steps, steps[1:])]
+    rates += intervals[1:] or intervals
+  rate = statistics.median(rates)
+  seconds = {0: 0.0}
+  for saved in segments:
+    first = min(saved)
+    if first not in seconds:  # resumed after steps no process here timed
+      last = max(seconds)
+      seconds[first] = seconds[last] + (first - last) / rate
+    for step, t in saved.items():
+      seconds.setdefault(step, seconds[first] + t - saved[first])
+  return seconds, rate
 
 
 def evaluations(log):
@@ -149,7 +172,7 @@ def train_and_evaluate(name, model_gin, params, args, eval_params=()):
     return result
   os.makedirs(model_dir, exist_ok=True)
   start = time.time()
-  log = run_binary(train_cmd, os.path.join(model_dir, "train.log"))
+  log = run_binary(train_cmd, os.path.join(model_dir, "train.log"), append=True)
   train_wall = time.time() - start
   times, steps_per_s = training_times(log)
   start = time.time()
