@@ -63,12 +63,16 @@ def runs():
   for e in sorted(EXPERTS, reverse=True):
     out.append(("switch-e%d" % e, "gin/models/switch_mini.gin", ["SwitchFFN.num_experts=%d" % e]))
   for cf in CAPACITY_FACTORS:
-    table1 = ["SwitchFFN.num_experts=%d" % TABLE1_EXPERTS,
-              "SwitchFFN.capacity_factor_train=%g" % cf]
+    table1 = table1_params(cf)
     if cf != 1.25:  # switch-e16 is trained at 1.25 already
       out.append(("switch-cf%r" % cf, "gin/models/switch_mini.gin", table1))
     out.append(("top2-cf%r" % cf, "gin/models/moe_mini_top2.gin", table1))
   return out
+
+
+def table1_params(cf):
+  """The bindings of a Table 1 run (switch-cf*, top2-cf*) at training capacity factor cf."""
+  return ["SwitchFFN.num_experts=%d" % TABLE1_EXPERTS, "SwitchFFN.capacity_factor_train=%g" % cf]
 
 
 def alias(name):

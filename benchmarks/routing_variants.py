@@ -42,8 +42,7 @@ def runs():
   out = [("dense", "dense (t5_mini)", "gin/models/t5_mini.gin", [], True)]
   for cf in CAPACITY_FACTORS:
     for key, (label, model_gin, params) in ROUTERS.items():
-      table1 = ["SwitchFFN.num_experts=%d" % reproduce.TABLE1_EXPERTS,
-                "SwitchFFN.capacity_factor_train=%g" % cf]
+      table1 = reproduce.table1_params(cf)
       if key == "ec":
         table1.append("encoder/SwitchFFN.capacity_factor_eval=%g" % cf)
       out.append(("%s-cf%r" % (key, cf), label, model_gin, table1 + params,
