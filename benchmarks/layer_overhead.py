@@ -10,8 +10,14 @@ float32, one CPU device. Inputs are fixed random ids, so only the model is timed
 times `steps` training steps of every model in turn (after 3 warm-up steps); the result is the
 median over rounds. Prints a markdown table, then a JSON line with `switch_over_dense` and
 `moe1d_over_dense` (step-time ratios).
+
+--profile: then traces --profile steps of each model (TensorFlow's step stats, after the timed
+rounds) and prints where the time goes: each op's run time summed (over both cores, so the sum
+exceeds the wall time) and averaged per step, by part of the model (CATEGORIES), and each
+model's difference to dense.
 """
 import argparse
+import collections
 import json
 import statistics
 import time
@@ -89,6 +95,48 @@ def build(name, dispatch, gin_params=()):
   return session, train_op, tf_loss
 
 
+# Parts of a training step, by TensorFlow op name (the first that matches): (name, test).
+CATEGORIES = [
+    ("Adafactor, FFN variables (experts and router, or dense FFN)",
+     lambda n: "adafactor" in n and any(k in n for k in ("MoE1D", "/moe", "DenseReluDense"))),
+    ("Adafactor, other variables", lambda n: "adafactor" in n),
+    ("Switch experts and dispatch (with gradients)",
+     lambda n: any(k in n for k in ("/ragged_expert_ffn", "/switch_gather", "/switch_scatter",
+                                    "MoE1D/wi", "MoE1D/wo", "MoE1D/einsum"))),
+    ("Switch router, slots, losses (with gradients)", lambda n: "MoE1D" in n or "/moe" in n),
+    ("dense FFN (with gradients)", lambda n: "DenseReluDense" in n),
+    ("rest: attention, embeddings, norms, loss", lambda n: True),
+]
+
+
+def profile(session, train_op, steps):
+  """{category: ms of op time per step} over `steps` traced steps."""
+  options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
+  totals = collections.Counter()
+  for _ in range(steps):
+    metadata = tf.RunMetadata()
+    session.run(train_op, options=options, run_metadata=metadata)
+    for device in metadata.step_stats.dev_stats:
+      for node in device.node_stats:
+        name = next(c for c, test in CATEGORIES if test(node.node_name))
+        totals[name] += (node.op_end_rel_micros - node.op_start_rel_micros) / 1e3 / steps
+  return totals
+
+
+def print_profiles(models, steps):
+  profiles = {name: profile(session, train_op, steps)
+              for name, (session, train_op, _) in models.items()}
+  names = list(models)
+  print("\n| part of the step: op time, ms per step (%d traced steps) | %s |%s" % (
+      steps, " | ".join(names), "".join(" %s - dense |" % n for n in names if n != "dense")))
+  print("|---" * (2 * len(names)) + "|")
+  for category, _ in CATEGORIES + [("total", None)]:
+    value = {n: sum(p.values()) if category == "total" else p[category]
+             for n, p in profiles.items()}
+    print("| %s | %s |%s" % (category, " | ".join("%.0f" % value[n] for n in names), "".join(
+        " %+.0f |" % (value[n] - value["dense"]) for n in names if n != "dense")))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=4)
@@ -97,6 +145,8 @@ def main():
   parser.add_argument("--models", default=",".join(MODELS), help="subset of " + ",".join(MODELS))
   parser.add_argument("--gin_param", action="append", default=[],
                       help="extra gin binding for every model, e.g. SwitchFFN.group_size=512")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="then trace this many steps per model and print where time goes")
   args = parser.parse_args()
   models = {name: build(name, args.dispatch, args.gin_param)
             for name in args.models.split(",")}
@@ -116,6 +166,8 @@ def main():
   print(json.dumps(dict({"%s_over_dense" % name: round(step[name] / step["dense"], 3)
                          for name in models if name != "dense"},
                         dispatch=args.dispatch, gin_param=args.gin_param)))
+  if args.profile:
+    print_profiles(models, args.profile)
 
 
 if __name__ == "__main__":

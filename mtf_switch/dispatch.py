@@ -230,6 +230,20 @@ def kept_experts(slots, experts_dim, choices_dim):
           mtf.stack([r.gate for r in slots.rounds], choices_dim.name, axis=3))
 
 
+def chosen_experts(router, nonpadding, experts_dim, choices_dim):
+  """kept_experts without a capacity (dropless, no rerouting), where every used choice is
+  kept: the experts and gates come straight from the router's choices, with no slots (a few
+  ops per choice where the slots take a few per expert: decoding runs them at every step)."""
+  ids, gates = [], []
+  for choice in router.choices:
+    used = nonpadding if choice.candidate is None else nonpadding * choice.candidate
+    # used: the choice's expert; unused or padding: E
+    ids.append(mtf.to_float(choice.expert_index) * used + (1.0 - used) * experts_dim.size)
+    gates.append(choice.gate * used)
+  return (mtf.to_int32(mtf.stack(ids, choices_dim.name, axis=3)),
+          mtf.stack(gates, choices_dim.name, axis=3))
+
+
 class EinsumDispatch(object):
   """Dispatch and combine as einsums with one-hot tensors: [O, G, S, E, C] built from token
   choice's Slots, or [O, G, E, C, S] from expert choice (MoE1D's layouts of each)."""

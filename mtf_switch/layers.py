@@ -402,6 +402,7 @@ class SwitchFFN(transformer.TransformerLayer):
                                               nonpadding, experts, g.group_dim)
     routed = metrics.Routed(mtf.add_n([r.kept for r in slots.rounds]), slots.requests,
                             router.choices[0].gate, logits)
+    choices_dim = mtf.Dimension("choices", len(slots.rounds))
 
     def einsum():
       if g.dropless:
@@ -414,7 +415,10 @@ class SwitchFFN(transformer.TransformerLayer):
         "einsum": lambda *args: self._through_slots(einsum(), *args),
         "gather": lambda *args: self._through_slots(
             dispatch_lib.GatherDispatch(slots, experts, g.capacity_dim), *args),
-        "ragged": lambda *args: self._ragged(slots, *args)}
+        "ragged": lambda *args: self._ragged(
+            dispatch_lib.chosen_experts(router, nonpadding, experts, choices_dim)
+            if g.dropless and not self.no_token_left_behind else
+            dispatch_lib.kept_experts(slots, experts, choices_dim), choices_dim, *args)}
 
   def _expert_choice(self, logits, nonpadding, g, train, predict):
     """Router "expert_choice": as _token_choice, without a ragged path (every expert takes
@@ -452,10 +456,11 @@ class SwitchFFN(transformer.TransformerLayer):
     # y = sum over slots of g_i(x) * E_i(x); a token with no slot gets 0 (only the residual).
     return mover.combine(expert_outputs, mtf.Shape(g.grouped + [output_dim]))
 
-  def _ragged(self, slots, inputs, g, hidden_dim, output_dim, ffn_args):
-    """Each token times its own experts' weights (experts.ragged_expert_ffn), no slots."""
-    choices_dim = mtf.Dimension("choices", len(slots.rounds))
-    expert, gate = dispatch_lib.kept_experts(slots, g.experts_unsplit, choices_dim)
+  def _ragged(self, experts_and_gates, choices_dim, inputs, g, hidden_dim, output_dim,
+              ffn_args):
+    """Each token times its own experts' weights (experts.ragged_expert_ffn), no slots:
+    experts_and_gates [O, G, S, K] from dispatch.kept_experts or chosen_experts."""
+    expert, gate = experts_and_gates
     shard_dims = [mtf.Dimension(d.name, mtf.tensor_dim_to_mesh_dim_size(g.layout, g.mesh_shape,
                                                                         d))
                   for d in g.grouped[:2]]
