@@ -56,10 +56,10 @@ def _train(corpus: corpus_lib.Corpus, settings: dict) -> bytes:
   return model.getvalue()
 
 
-def model_file() -> str:
-  """Path of the SentencePiece model for the gin-configured corpus and settings; trains and
-  caches it on first use."""
-  corpus = corpus_lib.corpus()
+def model_file(corpus: corpus_lib.Corpus = None) -> str:
+  """Path of the SentencePiece model for `corpus` (default: the gin-configured corpus) and the
+  gin-configured settings; trains and caches it on first use."""
+  corpus = corpus or corpus_lib.corpus()
   settings = sentencepiece_model()
   key = hashlib.sha256(json.dumps(
       [corpus.fingerprint, settings, spm.__version__], sort_keys=True).encode()).hexdigest()[:16]
