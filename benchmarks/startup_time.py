@@ -80,6 +80,7 @@ def main():
   parser.add_argument("--models", default=",".join(MODELS))
   args = parser.parse_args()
   models = args.models.split(",")
+  os.makedirs(args.workdir, exist_ok=True)
   times = {m: [] for m in models}
   nodes = {}
   for r in range(args.rounds):
