@@ -82,8 +82,16 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
                   num=experts_dim.size)
     # (not w[e]: its gradient is a dense [E, K, N])
     per_expert = [tf.unstack(w) for w in ws]
-    ffn = _expert_function(tf_activations, keep_prob, multiplicative_bias)
-    ys = [ffn(x_e, *[w[e] for w in per_expert]) for e, x_e in enumerate(xs)]
+    wi, wo = per_expert[:len(activations)], per_expert[len(activations)]
+    hidden = _hidden_function(tf_activations)
+    ys = []
+    for e, x_e in enumerate(xs):
+      h = hidden(x_e, *[w[e] for w in wi])
+      if multiplicative_bias:
+        h *= per_expert[-1][e]
+      if keep_prob < 1.0:  # outside the function: each expert draws its own mask
+        h = tf.nn.dropout(h, rate=1.0 - keep_prob)
+      ys.append(tf.matmul(h, wo[e]))
     y = tf.gather(_with_zero_row(tf.concat(ys, 0)), back)
     return tf.reshape(y, tf.concat([tf.shape(ids), [output_dim.size]], 0))
 
@@ -135,26 +143,23 @@ def per_token_weights(entries, num_experts, weights):
   return entries <= num_experts and entries * per_row <= PER_TOKEN_MAX_BYTES
 
 
-def _expert_function(activations, keep_prob, multiplicative_bias):
-  """One expert's FFN on its rows, y = (prod_k act_k(x wi_k) [* b]) wo, as a tf.function: the
-  graph then holds one call per expert and one for its gradient, where the inlined ops and their
-  gradients took ~100 nodes per expert (graph building, graph.pbtxt and every checkpoint's meta
-  graph grow with the node count). TensorFlow inlines the calls when it runs the graph."""
+def _hidden_function(activations):
+  """One expert's hidden activations on its rows, h = prod_k act_k(x wi_k), as a tf.function:
+  the graph then holds one call per expert and one for its gradient, where the inlined
+  activations and their broadcasting gradients took ~100 nodes per expert (graph building,
+  graph.pbtxt and every checkpoint's meta graph grow with the node count). TensorFlow inlines
+  the calls when it runs the graph. Random ops stay outside: every inlined copy of a function
+  would draw the same numbers."""
 
   @tf.function(autograph=False)
-  def ffn(x, *weights):
-    wi, wo = weights[:len(activations)], weights[len(activations)]
+  def hidden(x, *wi):
     h = None
     for act, w in zip(activations, wi):
       factor = act(tf.matmul(x, w))
       h = factor if h is None else h * factor
-    if multiplicative_bias:
-      h *= weights[-1]
-    if keep_prob < 1.0:
-      h = tf.nn.dropout(h, rate=1.0 - keep_prob)
-    return tf.matmul(h, wo)
+    return h
 
-  return ffn
+  return hidden
 
 
 def _per_token(rows, ids, weights, activations, choices, num_experts, multiplicative_bias):

@@ -164,3 +164,37 @@ def test_expert_parallel_mesh_matches_single_device(rng):
     np.testing.assert_array_equal(w1[name], w4[name])
   np.testing.assert_allclose(y4, y1, atol=1e-6, rtol=1e-6)
   np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+
+
+def test_ragged_expert_dropout_draws_its_own_mask_per_expert():
+  """Two identical tokens sent to two experts of identical weights, in training: equal outputs
+  without expert dropout, different ones with it (each expert draws its own mask)."""
+  from mtf_switch import experts  # pylint: disable=g-import-not-at-top
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.set_random_seed(1)
+    mesh = mtf.Mesh(mtf.Graph(), "mesh")
+    grouped = [mtf.Dimension("outer_batch", 1), mtf.Dimension("batch", 1),
+               mtf.Dimension("group", 2)]
+    tokens = mtf.import_tf_tensor(mesh, tf.ones([1, 1, 2, 16]),
+                                  mtf.Shape(grouped + [mtf.Dimension("d_model", 16)]))
+    ids = mtf.import_tf_tensor(mesh, tf.constant([[[[0], [1]]]], tf.int32),
+                               mtf.Shape(grouped + [mtf.Dimension("choices", 1)]))
+    outputs = []
+    for rate in (0.0, 0.5):
+      with tf.variable_scope("rate_%g" % rate):
+        outputs.append(experts.ragged_expert_ffn(
+            tokens, ids, mtf.Dimension("experts", 2), mtf.Dimension("expert_hidden", 64),
+            mtf.Dimension("d_model", 16), "relu", rate, True,
+            mtf.VariableDType(tf.float32, tf.float32, tf.float32),
+            lambda *_: tf.ones_initializer(),
+            shard_dims=[mtf.Dimension("outer_batch", 1), mtf.Dimension("batch", 1)]))
+    lowering = mtf.Lowering(mesh.graph, {mesh: mtf.placement_mesh_impl.PlacementMeshImpl(
+        "", "", [""])})
+    results = [lowering.export_to_tf_tensor(y) for y in outputs]
+    with tf.Session() as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      plain, dropped = session.run(results)
+  np.testing.assert_array_equal(plain[0, 0, 0], plain[0, 0, 1])
+  assert not np.array_equal(dropped[0, 0, 0], dropped[0, 0, 1])
