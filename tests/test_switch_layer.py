@@ -166,6 +166,14 @@ def test_expert_parallel_mesh_matches_single_device(rng):
   np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
 
 
+def _same_for_every_expert(shape, dtype=tf.float32, partition_info=None):
+  """Weights [experts, in, out] equal for every expert, distinct within one (so that two
+  dropout masks keeping as many units still give different outputs)."""
+  del partition_info
+  one = np.linspace(0.5, 1.5, shape[1] * shape[2]).reshape(shape[1:])
+  return tf.constant(np.tile(one, [shape[0], 1, 1]), dtype)
+
+
 def test_ragged_expert_dropout_draws_its_own_mask_per_expert():
   """Two identical tokens sent to two experts of identical weights, in training: equal outputs
   without expert dropout, different ones with it (each expert draws its own mask)."""
@@ -187,7 +195,7 @@ def test_ragged_expert_dropout_draws_its_own_mask_per_expert():
             tokens, ids, mtf.Dimension("experts", 2), mtf.Dimension("expert_hidden", 64),
             mtf.Dimension("d_model", 16), "relu", rate, True,
             mtf.VariableDType(tf.float32, tf.float32, tf.float32),
-            lambda *_: tf.ones_initializer(),
+            lambda *_: _same_for_every_expert,
             shard_dims=[mtf.Dimension("outer_batch", 1), mtf.Dimension("batch", 1)]))
     lowering = mtf.Lowering(mesh.graph, {mesh: mtf.placement_mesh_impl.PlacementMeshImpl(
         "", "", [""])})
