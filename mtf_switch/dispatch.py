@@ -12,8 +12,9 @@ M d_model. All implementations compute the same outputs and gradients with the s
   "ragged": no slots: each token is multiplied by its own expert's weights (experts.py), so only
     kept tokens are computed. Needs every expert's weights on every device (experts and
     expert_hidden not split by the layout).
-  "auto": einsum when the graph is built for a TPU, else ragged where the layout allows, else
-    gather.
+  "auto": einsum when the graph is built for a TPU, else ragged where the layout allows and XLA's
+    auto-clustering is off (TF_XLA_FLAGS --tf_xla_auto_jit: it cannot compile ragged's
+    data-dependent segment shapes), else gather.
 
 Expert choice (SwitchFFN.router = "expert_choice") has no Slots: its router gives each slot
 its token (routing.ExpertChoice), EinsumDispatch.from_expert_choice builds MoE1D's one-hot
@@ -29,6 +30,8 @@ once), so the experts compute E * S rows per group (E times a dense layer's) and
 check_dropless_einsum refuses them above DROPLESS_EINSUM_MAX_BYTES per device.
 """
 import collections
+import os
+import re
 
 import mesh_tensorflow as mtf
 import numpy as np
@@ -206,15 +209,28 @@ def choose(implementation, experts_split):
 
   experts_split: whether the layout splits the expert weights over a mesh axis."""
   check_implementation(implementation)
+  xla = xla_auto_clustering()
   if implementation == "auto":
     if tpu_function.get_tpu_context().number_of_shards is not None:
       return "einsum"
-    return "gather" if experts_split else "ragged"
+    return "gather" if experts_split or xla else "ragged"
   if implementation == "ragged" and experts_split:
     raise ValueError(
         "SwitchFFN.dispatch='ragged' needs every expert's weights on every device, but the "
         "layout splits `experts` or `expert_hidden` over the mesh: use 'gather' or 'auto'.")
+  if implementation == "ragged" and xla:
+    raise ValueError(
+        "SwitchFFN.dispatch='ragged' cannot run under XLA's auto-clustering (TF_XLA_FLAGS=%r): "
+        "its per-expert segment sizes depend on the routing, and XLA needs them at compile "
+        "time. Use SwitchFFN.dispatch='gather' (or 'auto', which picks it), or unset "
+        "--tf_xla_auto_jit." % os.environ.get("TF_XLA_FLAGS", ""))
   return implementation
+
+
+def xla_auto_clustering():
+  """Whether TF_XLA_FLAGS turns on XLA's auto-clustering (--tf_xla_auto_jit other than 0/-1)."""
+  match = re.search(r"--tf_xla_auto_jit=(\S+)", os.environ.get("TF_XLA_FLAGS", ""))
+  return bool(match) and match.group(1) not in ("0", "-1")
 
 
 def kept_experts(slots, experts_dim, choices_dim):

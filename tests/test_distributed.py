@@ -108,6 +108,18 @@ def test_auto_dispatch_off_tpu_and_unknown_names_fail():
     layers.SwitchFFN(dispatch="scatter")
 
 
+def test_xla_auto_clustering_gets_the_gather_dispatch(monkeypatch):
+  """XLA cannot compile ragged's data-dependent segment shapes (measured: DenseBincount 'must be
+  a compile-time constant' at the first step): auto picks gather, an explicit ragged fails."""
+  monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0 --tf_xla_cpu_global_jit")
+  assert dispatch_lib.choose("auto", experts_split=False) == "ragged"
+  monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit")
+  assert dispatch_lib.choose("auto", experts_split=False) == "gather"
+  assert dispatch_lib.choose("einsum", experts_split=False) == "einsum"
+  with pytest.raises(ValueError, match="SwitchFFN.dispatch='ragged' cannot run under XLA"):
+    dispatch_lib.choose("ragged", experts_split=False)
+
+
 def test_devices_must_match_the_mesh():
   with pytest.raises(ValueError, match="mesh_shape batch:4 has 4 processors but 8 devices"):
     mtf.placement_mesh_impl.PlacementMeshImpl("batch:4", "batch:batch", ["cpu:0"] * 8)
