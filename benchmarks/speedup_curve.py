@@ -78,7 +78,8 @@ slope is small by --steps while it still learns (the issue: the dense twin flatt
 budget), then run the main command with --width/--batch/--lr. The pilot of 2026-12-02
 (RESULTS.md): at the paper's constant 1e-2 (rsqrt10k) the dense twin diverges on this corpus
 after ~1,500 steps at widths mini and w96 (held-out loss back above its step-600 value by step
-1,800); rsqrt1k stays stable, so it is the default --lr.
+1,800); rsqrt1k does not diverge, so it is the default --lr. It still stalls: the first main
+runs (dense and E32, 4,000 steps) stop learning after step ~500, so the recipe is not settled.
 
 Budget plan. Rough: measured on 2026-12-02 with 400-step runs (a checkpoint every 100 steps),
 niced 19 while another engineer's benchmarks and a two-worker pytest loaded the 2 cores (load
