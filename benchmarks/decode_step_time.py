@@ -25,6 +25,7 @@ from mesh_tensorflow.transformer import transformer
 import numpy as np
 import tensorflow.compat.v1 as tf
 
+from layer_overhead import traced_nodes  # benchmarks/ is the script's folder
 from mtf_switch import config
 
 MODELS = ("switch_tiny", "t5_tiny")
@@ -71,16 +72,11 @@ class Decoder:
   def profile(self, calls=3):
     """{op type: (microseconds per token, ops per token)} from TensorFlow's step stats."""
     micros, counts = collections.Counter(), collections.Counter()
-    for _ in range(calls):
-      metadata = tf.RunMetadata()
-      self.session.run(self.output, run_metadata=metadata, options=tf.RunOptions(
-          trace_level=tf.RunOptions.FULL_TRACE))
-      for device in metadata.step_stats.dev_stats:
-        for node in device.node_stats:
-          label = node.timeline_label
-          op = label.split("=")[-1].split("(")[0].strip() if "=" in label else node.node_name
-          micros[op] += node.all_end_rel_micros
-          counts[op] += 1
+    for node in traced_nodes(self.session, self.output, calls):
+      label = node.timeline_label
+      op = label.split("=")[-1].split("(")[0].strip() if "=" in label else node.node_name
+      micros[op] += node.all_end_rel_micros
+      counts[op] += 1
     per_token = calls * DECODE_LENGTH
     return {op: (micros[op] / per_token, counts[op] / per_token) for op in micros}
 

@@ -109,17 +109,22 @@ CATEGORIES = [
 ]
 
 
+def traced_nodes(session, fetch, runs):
+  """TensorFlow's step stats (NodeExecStats) of every op run by `runs` traced runs of fetch."""
+  options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
+  for _ in range(runs):
+    metadata = tf.RunMetadata()
+    session.run(fetch, options=options, run_metadata=metadata)
+    for device in metadata.step_stats.dev_stats:
+      yield from device.node_stats
+
+
 def profile(session, train_op, steps):
   """{category: ms of op time per step} over `steps` traced steps."""
-  options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
   totals = collections.Counter()
-  for _ in range(steps):
-    metadata = tf.RunMetadata()
-    session.run(train_op, options=options, run_metadata=metadata)
-    for device in metadata.step_stats.dev_stats:
-      for node in device.node_stats:
-        name = next(c for c, test in CATEGORIES if test(node.node_name))
-        totals[name] += (node.op_end_rel_micros - node.op_start_rel_micros) / 1e3 / steps
+  for node in traced_nodes(session, train_op, steps):
+    name = next(c for c, test in CATEGORIES if test(node.node_name))
+    totals[name] += (node.op_end_rel_micros - node.op_start_rel_micros) / 1e3 / steps
   return totals
 
 

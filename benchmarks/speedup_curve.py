@@ -898,6 +898,13 @@ def plot(loaded, by_model, table, out_dir=PLOTS, prefix=""):
   colors = dict(zip(switch_models, palette * 2))
   colors["dense"] = "black"
   paths = []
+
+  def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, prefix + name), dpi=100)
+    plt.close(fig)
+    paths.append(prefix + name)
+
   for xkey, xlabel, fname in (("steps", "training step", "quality_vs_step.png"),
                               ("seconds", "training time (h, this machine)", "quality_vs_time.png")):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -917,10 +924,7 @@ def plot(loaded, by_model, table, out_dir=PLOTS, prefix=""):
       ax.grid(alpha=0.3)
     axes[0].set_ylabel("neg log perplexity")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, prefix + fname), dpi=100)
-    plt.close(fig)
-    paths.append(prefix + fname)
+    save(fig, fname)
   if table:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for model, rows in table.items():
@@ -940,10 +944,7 @@ def plot(loaded, by_model, table, out_dir=PLOTS, prefix=""):
                  fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, prefix + "speedup_vs_step.png"), dpi=100)
-    plt.close(fig)
-    paths.append(prefix + "speedup_vs_step.png")
+    save(fig, "speedup_vs_step.png")
   routed = {n: routing(loaded[n]) for n in names if loaded[n]["run"].experts}
   if any(routed.values()):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -970,10 +971,7 @@ def plot(loaded, by_model, table, out_dir=PLOTS, prefix=""):
       ax.set_xlabel("training step")
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, prefix + "routing.png"), dpi=100)
-    plt.close(fig)
-    paths.append(prefix + "routing.png")
+    save(fig, "routing.png")
   return paths
 
 
