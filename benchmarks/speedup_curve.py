@@ -175,22 +175,26 @@ class Config:
 
   @staticmethod
   def parse(name, checkpoint_every):
-    match = re.fullmatch(r"(\w+?)-b(\d+)-(rsqrt\d+k)", name)
+    match = re.fullmatch(r"(\w+?)-b(\d+)-(rsqrt\d+k(?:-[0-9.e-]+)?)", name)
     if not match or match.group(1) not in WIDTHS:
-      raise ValueError("pilot candidate %r is not WIDTH-bBATCH-rsqrtNk (widths: %s)"
+      raise ValueError("pilot candidate %r is not WIDTH-bBATCH-rsqrtNk[-PEAK] (widths: %s)"
                        % (name, ", ".join(WIDTHS)))
     return Config(match.group(1), int(match.group(2)), match.group(3), checkpoint_every)
 
 
 def lr_params(lr):
-  """Bindings of learning_rate_schedule_noam (pretrain_c4.gin's schedule) for rsqrtNk: 1e-2 up to
-  step N*1000, then 1e-2 * sqrt(N*1000 / step)."""
-  match = re.fullmatch(r"rsqrt(\d+)k", lr)
+  """Bindings of learning_rate_schedule_noam (pretrain_c4.gin's schedule) for rsqrtNk[-PEAK]:
+  PEAK (default PEAK_LR, the paper's 1e-2) up to step N*1000, then PEAK * sqrt(N*1000 / step)."""
+  match = re.fullmatch(r"rsqrt(\d+)k(?:-(\d+(?:\.\d+)?e-\d+))?", lr)
   if not match:
-    raise ValueError("--lr must be rsqrtNk (e.g. rsqrt10k, the paper's), got %r" % lr)
+    raise ValueError("--lr must be rsqrtNk or rsqrtNk-PEAK (e.g. rsqrt10k, the paper's, or "
+                     "rsqrt10k-3e-3), got %r" % lr)
   warmup = int(match.group(1)) * 1000
+  peak = float(match.group(2)) if match.group(2) else PEAK_LR
+  if not 0 < peak <= 1:
+    raise ValueError("--lr %r: the peak learning rate must be in (0, 1]" % lr)
   return ["learning_rate_schedule_noam.warmup_steps=%d" % warmup,
-          "learning_rate_schedule_noam.multiplier=%r" % round(PEAK_LR * math.sqrt(warmup), 6),
+          "learning_rate_schedule_noam.multiplier=%r" % round(peak * math.sqrt(warmup), 6),
           "learning_rate_schedule_noam.linear_decay_fraction=0.0"]
 
 

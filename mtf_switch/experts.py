@@ -168,14 +168,23 @@ def _per_token(rows, ids, weights, activations, choices, num_experts, multiplica
   flat_ids = tf.reshape(ids, [-1])
   entries = tf.gather(rows, tf.range(tf.size(flat_ids)) // choices) if choices > 1 else rows
   expert = tf.minimum(flat_ids, num_experts - 1)
+  one_row = flat_ids.shape[0] == 1  # batch-1 decoding: w[e] is a dim-0 slice, which TensorFlow
+  # returns without copying; a gather copies each chosen expert's matrix
+
+  def pick(w):
+    return w[expert[0]] if one_row else tf.gather(w, expert)
+
+  def matmul(x, w):
+    return tf.matmul(x, pick(w)) if one_row else tf.einsum("rm,rmh->rh", x, pick(w))
+
   wi, wo = weights[:len(activations)], weights[len(activations)]
   h = None
   for act, w in zip(activations, wi):
-    factor = act(tf.einsum("rm,rmh->rh", entries, tf.gather(w, expert)))
+    factor = act(matmul(entries, w))
     h = factor if h is None else h * factor
   if multiplicative_bias:
-    h *= tf.gather(weights[-1], expert)
-  y = tf.einsum("rh,rhn->rn", h, tf.gather(wo, expert))
+    h *= pick(weights[-1])
+  y = matmul(h, wo)
   y *= tf.cast(flat_ids < num_experts, y.dtype)[:, tf.newaxis]  # no expert: 0
   return tf.reshape(y, tf.concat([tf.shape(ids), [tf.shape(y)[-1]]], 0))
 

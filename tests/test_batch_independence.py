@@ -173,8 +173,8 @@ def test_a_sequence_gets_the_same_output_alone_padded_or_in_any_batch(tmp_path, 
     ("top1", 2 * 3), ("top1", 4 * 8), ("top2", 2 * 3), ("bias", 2 * 3), ("relu", 1)])
 def test_ragged_inference_paths_match_the_reference(variant, tokens):
   """Outside training the ragged experts multiply each row by its own gathered expert weights
-  when a device holds no more (token, choice) rows than experts (decoding), else pad per-expert
-  segments to a power of two: both as the numpy reference, for top-1/top-2, the multiplicative
+  when a device holds no more (token, choice) rows than experts (decoding; a single row by its
+  expert's weights sliced, not copied), else pad per-expert segments to a power of two: both as the numpy reference, for top-1/top-2, the multiplicative
   bias and a plain activation; and as the einsum dispatch."""
   kw = dict(num_experts=16, hidden_size=8, group_size=64, init_scale=1.0,
             router_policy="argmax", dropless_eval=True)  # run_switch builds evaluation
@@ -205,9 +205,13 @@ def test_ragged_inference_paths_match_the_reference(variant, tokens):
     lowering = mtf.Lowering(mesh.graph, {mesh: mtf.placement_mesh_impl.PlacementMeshImpl(
         "", "", [""])})
     del lowering
-    equations = {op.get_attr("equation").decode() for op in graph.get_operations()
-                 if op.type == "Einsum"}
-  assert ("rm,rmh->rh" in equations) == (rows <= 16), (rows, equations)
+    ops = graph.get_operations()
+    equations = {op.get_attr("equation").decode() for op in ops if op.type == "Einsum"}
+    weight_gathers = [op for op in ops if op.type == "GatherV2" and op.inputs[0].shape.rank == 3]
+  # per row below 17 rows (one row: its expert's weights as a dim-0 slice, not gathered)
+  assert any(op.type == "SplitV" for op in ops) == (rows > 16), rows
+  assert ("rm,rmh->rh" in equations) == (1 < rows <= 16), (rows, equations)
+  assert bool(weight_gathers) == (1 < rows <= 16), (rows, weight_gathers)
   expected = switch_reference(x, pad, w, num_groups=1, capacity=None, **ref)[0]
   np.testing.assert_allclose(outputs["ragged"], expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(outputs["ragged"], outputs["einsum"], rtol=1e-5, atol=1e-6)

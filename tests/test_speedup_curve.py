@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -121,12 +122,18 @@ def test_slope_per_doubling():
   assert sc.slope_per_doubling(steps[:2], nlp[:2]) is None
 
 
-def test_lr_schedules_peak_at_1e2():
+def test_lr_schedules_peak_at_1e2_or_the_given_peak():
   params = dict(p.split("=") for p in sc.lr_params("rsqrt2k"))
   warmup = float(params["learning_rate_schedule_noam.warmup_steps"])
   multiplier = float(params["learning_rate_schedule_noam.multiplier"])
   assert warmup == 2000 and np.isclose(multiplier / np.sqrt(warmup), 1e-2)
   assert sc.lr_params("rsqrt10k")[1].endswith("=1.0")  # the paper's: 1/sqrt(max(step, 10^4))
+  params = dict(p.split("=") for p in sc.lr_params("rsqrt10k-3e-3"))  # a lower peak
+  assert np.isclose(float(params["learning_rate_schedule_noam.multiplier"]) / 100, 3e-3)
+  assert sc.Config.parse("mini-b16-rsqrt10k-3e-3", 600).lr == "rsqrt10k-3e-3"
+  for bad in ("rsqrt10k-3e3", "rsqrt10k-0e-3", "rsqrt10"):
+    with pytest.raises(ValueError):
+      sc.lr_params(bad)
 
 
 def test_two_slots_take_the_runs_in_order_and_each_once(tmp_path, monkeypatch):
