@@ -100,7 +100,7 @@ first (saves included); in brackets the median of the rates the estimator logs (
 Measured in the main runs (2026-12-02, one core each, the other core busy): dense mini b16
 7.3 steps/s, 16,000 steps in 37 min of training, 48 min with its 16 evaluations.
 
-Per run of 16,000 steps at these (pessimistic) rates, training + 16 evaluations: dense ~105 min,
+Per run of 16,000 steps at the (pessimistic) 400-step rates, training + 16 evaluations: dense ~105 min,
 E8 ~125, E32 ~180 (~110 at its quiet 2.9 steps/s), E64 ~220. The five runs the issue requires
 (dense x2, E32 x2, E8) take ~700 core-minutes loaded, ~480 quiet; a session of --parallel 2
 --budget_minutes 150 gives ~290, so 3 sessions (2 if quiet), E64 one more. Session 1: core 0
@@ -156,6 +156,7 @@ PILOT_BEGIN, PILOT_END = "<!-- speedup_curve.py pilot: begin -->", "<!-- speedup
 # d_model, GEGLU d_ff (also each expert's), heads, d_kv
 WIDTHS = {"mini": (64, 128, 2, 32), "w96": (96, 192, 3, 32), "tiny": (128, 256, 4, 32)}
 PEAK_LR = 1e-2  # the plateau of the paper's schedule
+SCHEDULE = r"rsqrt(\d+)k(?:-(\d+(?:\.\d+)?e-\d+))?"  # rsqrtNk[-PEAK]: N, PEAK
 DEFAULT_RATE = 1.5  # steps/s assumed for a model not timed yet (the budget's estimates)
 # The paper (arXiv 2101.03961v3, Sec. 3.2 and Fig. 4/5): Switch-Base with 64 experts reaches
 # T5-Base's quality at step 450k at step 60k, and in one seventh of the time.
@@ -179,7 +180,7 @@ class Config:
 
   @staticmethod
   def parse(name, checkpoint_every):
-    match = re.fullmatch(r"(\w+?)-b(\d+)-(rsqrt\d+k(?:-[0-9.e-]+)?)", name)
+    match = re.fullmatch(r"(\w+?)-b(\d+)-(%s)" % SCHEDULE, name)
     if not match or match.group(1) not in WIDTHS:
       raise ValueError("pilot candidate %r is not WIDTH-bBATCH-rsqrtNk[-PEAK] (widths: %s)"
                        % (name, ", ".join(WIDTHS)))
@@ -189,7 +190,7 @@ class Config:
 def lr_params(lr):
   """Bindings of learning_rate_schedule_noam (pretrain_c4.gin's schedule) for rsqrtNk[-PEAK]:
   PEAK (default PEAK_LR, the paper's 1e-2) up to step N*1000, then PEAK * sqrt(N*1000 / step)."""
-  match = re.fullmatch(r"rsqrt(\d+)k(?:-(\d+(?:\.\d+)?e-\d+))?", lr)
+  match = re.fullmatch(SCHEDULE, lr)
   if not match:
     raise ValueError("--lr must be rsqrtNk or rsqrtNk-PEAK (e.g. rsqrt10k, the paper's, or "
                      "rsqrt10k-3e-3), got %r" % lr)

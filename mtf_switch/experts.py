@@ -168,8 +168,9 @@ def _per_token(rows, ids, weights, activations, choices, num_experts, multiplica
   flat_ids = tf.reshape(ids, [-1])
   entries = tf.gather(rows, tf.range(tf.size(flat_ids)) // choices) if choices > 1 else rows
   expert = tf.minimum(flat_ids, num_experts - 1)
-  one_row = flat_ids.shape[0] == 1  # batch-1 decoding: w[e] is a dim-0 slice, which TensorFlow
-  # returns without copying; a gather copies each chosen expert's matrix
+  # One row (batch-1 decoding): w[e] is a dim-0 slice, which TensorFlow returns without copying;
+  # a gather copies each chosen expert's matrix.
+  one_row = flat_ids.shape[0] == 1
 
   def pick(w):
     return w[expert[0]] if one_row else tf.gather(w, expert)

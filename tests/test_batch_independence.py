@@ -174,8 +174,9 @@ def test_a_sequence_gets_the_same_output_alone_padded_or_in_any_batch(tmp_path, 
 def test_ragged_inference_paths_match_the_reference(variant, tokens):
   """Outside training the ragged experts multiply each row by its own gathered expert weights
   when a device holds no more (token, choice) rows than experts (decoding; a single row by its
-  expert's weights sliced, not copied), else pad per-expert segments to a power of two: both as the numpy reference, for top-1/top-2, the multiplicative
-  bias and a plain activation; and as the einsum dispatch."""
+  expert's weights sliced, not copied), else pad per-expert segments to a power of two: both as
+  the numpy reference, for top-1/top-2, the multiplicative bias and a plain activation; and as
+  the einsum dispatch."""
   kw = dict(num_experts=16, hidden_size=8, group_size=64, init_scale=1.0,
             router_policy="argmax", dropless_eval=True)  # run_switch builds evaluation
   ref = dict(loss_coef=1e-2)
