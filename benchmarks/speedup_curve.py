@@ -883,6 +883,75 @@ def routing(run):
   return rows
 
 
+def _aux_coefs(model_dir):
+  """{stack: [c_B, c_z]} of SwitchFFN.loss_coef and router_z_loss_coef in the run's operative
+  config (the binary records them per stack, encoder/SwitchFFN.loss_coef = 0.01; an unscoped
+  binding is every stack's)."""
+  with open(os.path.join(model_dir, "operative_config.gin")) as f:
+    found = re.findall(r"^(?:(\w+)/)?SwitchFFN\.(loss_coef|router_z_loss_coef) = (\S+)$",
+                       f.read(), re.M)
+  unscoped = [0.0, 0.0]
+  for stack, name, value in found:
+    if not stack:
+      unscoped[name == "router_z_loss_coef"] = float(value)
+  coefs = collections.defaultdict(lambda: list(unscoped))
+  for stack, name, value in found:
+    if stack:
+      coefs[stack][name == "router_z_loss_coef"] = float(value)
+  return coefs
+
+
+def training_loss(run):
+  """{summary step: training cross-entropy}: the binary's `loss` summary (every 100 steps; one
+  batch, per target position) less the Switch layers' auxiliary losses c_B L_B + c_z L_z (their
+  summaries at the same step); {} without summaries."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mtf_switch import report  # pylint: disable=g-import-not-at-top
+  loss = {}
+  for path in sorted(glob.glob(os.path.join(run.model_dir, "events.out.tfevents.*"))):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.tag == "loss":
+            loss[event.step] = float(value.simple_value if value.HasField("simple_value")
+                                     else tf.make_ndarray(value.tensor))
+    except tf.errors.DataLossError:  # a file being written
+      pass
+  if not run.experts or not loss:
+    return loss
+  coefs = _aux_coefs(run.model_dir)
+  for layer, metric in report.read_summaries(run.model_dir).items():
+    c_b, c_z = coefs[layer.split("/")[0]]
+    for term, c in (("balance_loss", c_b), ("z_loss", c_z)):
+      for step, value in zip(*metric.get(term, ((), ()))):
+        if step in loss:
+          loss[step] -= c * value
+  return loss
+
+
+def training_gaps(loaded):
+  """{switch run: {checkpoint step: (training gap, held-out gap)}}: the Switch run's cross-entropy
+  minus dense's of the same seed (the same batches): in training, the mean over the checkpoint
+  interval's summaries; held out, both splits. Negative: Switch is better."""
+  out = {}
+  for name, r in loaded.items():
+    dense = loaded.get("dense-s%d" % r["run"].seed)
+    if not r["run"].experts or dense is None:
+      continue
+    every = r["run"].config.checkpoint_every
+    mine, theirs = training_loss(r["run"]), training_loss(dense["run"])
+    rows = {}
+    for step, nlp in zip(r["steps"], r["nlp"]["both"]):
+      if step not in dense["steps"] or step == 0:
+        continue
+      window = [s for s in mine if step - every < s <= step and s in theirs]
+      held_out = float(list(dense["nlp"]["both"])[list(dense["steps"]).index(step)] - nlp)
+      rows[int(step)] = (float(np.mean([mine[s] - theirs[s] for s in window]))
+                         if window else None, held_out)
+    out[name] = rows
+  return out
+
+
 def _f(x, spec="%.3f", none="-"):
   return none if x is None or (isinstance(x, float) and math.isnan(x)) else spec % x
 
@@ -1075,6 +1144,20 @@ def markdown(loaded, by_model, table, stats, args, plots, rel_plots):
             n, s, _f(r.get("top1_gate", np.nan) * e, "%.2f"),
             _f(r.get("router_entropy", np.nan) / math.log(e), "%.3f"),
             _f(r.get("dropped_fraction"), "%.3f"), _f(r.get("train_dropped"), "%.3f")))
+    out.append("")
+  gaps = training_gaps(loaded)
+  if any(gaps.values()):
+    shown = _show_steps(sorted(set().union(*[set(g) for g in gaps.values()])))
+    out += ["Fitting against generalising: the Switch run's cross-entropy minus dense's (same "
+            "seed, so the same batches; negative: Switch is better), in training (the `loss` "
+            "summaries of the checkpoint interval less the auxiliary losses; per target "
+            "position, padding included) / on the held-out splits (both; per target token):",
+            "", "| run | " + " | ".join("step %d" % s for s in shown) + " |",
+            "|---|" + "---|" * len(shown)]
+    for n, rows in sorted(gaps.items(), key=lambda kv: (_expert_count(kv[0]), kv[0])):
+      out.append("| %s | %s |" % (n, " | ".join(
+          "%s / %s" % (_f(rows[s][0], "%+.3f"), _f(rows[s][1], "%+.3f")) if s in rows else ""
+          for s in shown)))
     out.append("")
   if table:
     out += ["At the last common step:", ""]

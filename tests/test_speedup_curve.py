@@ -186,3 +186,45 @@ def test_two_slots_take_the_runs_in_order_and_each_once(tmp_path, monkeypatch):
   args.chunk_steps = 20
   sc.schedule(runs, args, [sc.Slot()], sc.Budget(0), None, 64, 14)
   assert [t for _, t, _ in started] == [20, 20, 20, 20, 40, 40, 40, 40]
+
+
+def _write_summaries(model_dir, points):
+  """An event file of scalar summaries {step: {tag: value}}, as the binary writes them (records
+  of Event protos: no summary API, so graph or eager mode does not matter)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, "events.out.tfevents.0.test")
+  with tf.io.TFRecordWriter(path) as writer:
+    for step, tags in points.items():
+      summary = tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag=t, simple_value=v)
+                                            for t, v in tags.items()])
+      writer.write(tf.compat.v1.Event(step=step, summary=summary).SerializeToString())
+
+
+def test_training_gap_subtracts_the_auxiliary_losses_per_stack(tmp_path):
+  """Switch's `loss` summary holds c_B L_B + c_z L_z of every Switch layer on top of the
+  cross-entropy; the gap to dense (same seed) is taken on the cross-entropy alone, averaged over
+  the checkpoint interval (steps 5 and 10 for checkpoint 10, 15 and 20 for 20)."""
+  loaded = _loaded(tmp_path, {
+      "dense-s1": ("dense", 1, 0, {10: -5.0, 20: -4.6}),
+      "switch-e8-s1": ("switch-e8", 1, 8, {10: -4.9, 20: -4.7}),
+  }, STATS)
+  enc, dec = "switch/encoder/block_000/layer_002", "switch/decoder/block_000/layer_005"
+  switch_dir = loaded["switch-e8-s1"]["run"].model_dir
+  with open(os.path.join(switch_dir, "operative_config.gin"), "w") as f:
+    f.write("decoder/SwitchFFN.loss_coef = 0.02\nencoder/SwitchFFN.loss_coef = 0.01\n"
+            "SwitchFFN.router_z_loss_coef = 0.001\n")
+  dense_ce = {5: 5.2, 10: 5.0, 15: 4.8, 20: 4.7}
+  switch_ce = {5: 5.1, 10: 4.9, 15: 4.7, 20: 4.6}
+  aux = {enc: (1.5, 10.0), dec: (2.0, 20.0)}  # (L_B, L_z) at every step
+  total_aux = 0.01 * 1.5 + 0.001 * 10.0 + 0.02 * 2.0 + 0.001 * 20.0
+  _write_summaries(loaded["dense-s1"]["run"].model_dir, {s: {"loss": v} for s, v in dense_ce.items()})
+  _write_summaries(switch_dir, {s: dict(
+      [("loss", v + total_aux)]
+      + [("%s/%s" % (layer, term), value) for layer, terms in aux.items()
+         for term, value in zip(("balance_loss", "z_loss"), terms)]) for s, v in switch_ce.items()})
+  ce = sc.training_loss(loaded["switch-e8-s1"]["run"])
+  np.testing.assert_allclose([ce[s] for s in sorted(ce)], [switch_ce[s] for s in sorted(ce)],
+                             atol=1e-6)
+  gaps = sc.training_gaps(loaded)["switch-e8-s1"]
+  np.testing.assert_allclose(gaps[10], (-0.1, -0.1), atol=1e-6)  # better in both
+  np.testing.assert_allclose(gaps[20], (-0.1, 0.1), atol=1e-6)  # fits better, generalises worse
