@@ -930,9 +930,10 @@ def training_loss(run):
 
 
 def training_gaps(loaded):
-  """{switch run: {checkpoint step: (training gap, held-out gap)}}: the Switch run's cross-entropy
-  minus dense's of the same seed (the same batches): in training, the mean over the checkpoint
-  interval's summaries; held out, both splits. Negative: Switch is better."""
+  """{switch run: {checkpoint step: (training gap, held-out gap)}}: dense's cross-entropy (same
+  seed: the same batches) minus the Switch run's, as the speedup table's gap (positive: Switch
+  is better): in training, of the means over the checkpoint interval's summaries (their steps
+  differ by a few between runs); held out, both splits."""
   out = {}
   for name, r in loaded.items():
     dense = loaded.get("dense-s%d" % r["run"].seed)
@@ -944,10 +945,11 @@ def training_gaps(loaded):
     for step, nlp in zip(r["steps"], r["nlp"]["both"]):
       if step not in dense["steps"] or step == 0:
         continue
-      window = [s for s in mine if step - every < s <= step and s in theirs]
-      held_out = float(list(dense["nlp"]["both"])[list(dense["steps"]).index(step)] - nlp)
-      rows[int(step)] = (float(np.mean([mine[s] - theirs[s] for s in window]))
-                         if window else None, held_out)
+      means = [[v for s, v in curve.items() if step - every < s <= step]
+               for curve in (theirs, mine)]
+      held_out = float(nlp - dense["nlp"]["both"][list(dense["steps"]).index(step)])
+      rows[int(step)] = (float(np.mean(means[0]) - np.mean(means[1])) if all(means) else None,
+                         held_out)
     out[name] = rows
   return out
 
@@ -1148,10 +1150,11 @@ def markdown(loaded, by_model, table, stats, args, plots, rel_plots):
   gaps = training_gaps(loaded)
   if any(gaps.values()):
     shown = _show_steps(sorted(set().union(*[set(g) for g in gaps.values()])))
-    out += ["Fitting against generalising: the Switch run's cross-entropy minus dense's (same "
-            "seed, so the same batches; negative: Switch is better), in training (the `loss` "
-            "summaries of the checkpoint interval less the auxiliary losses; per target "
-            "position, padding included) / on the held-out splits (both; per target token):",
+    out += ["Fitting against generalising: dense's cross-entropy minus the Switch run's (same "
+            "seed, so the same batches; positive: Switch is better, as the gap above), in "
+            "training (mean of the `loss` summaries of the checkpoint interval, every 100 "
+            "steps, less the auxiliary losses; per target position, padding included) / on the "
+            "held-out splits (both; per target token):",
             "", "| run | " + " | ".join("step %d" % s for s in shown) + " |",
             "|---|" + "---|" * len(shown)]
     for n, rows in sorted(gaps.items(), key=lambda kv: (_expert_count(kv[0]), kv[0])):
