@@ -11,6 +11,9 @@ times `steps` training steps of every model in turn (after 3 warm-up steps); the
 median over rounds. Prints a markdown table, then a JSON line with `switch_over_dense` and
 `moe1d_over_dense` (step-time ratios).
 
+--rows 128,32,8: one switch model per value of experts.ROWS (each expert's rows are padded to
+a multiple of it in training), all timed in the same rounds.
+
 --profile: then traces --profile steps of each model (TensorFlow's step stats, after the timed
 rounds) and prints where the time goes: each op's run time summed (over both cores, so the sum
 exceeds the wall time) and averaged per step, by part of the model (CATEGORIES), and each
@@ -28,8 +31,10 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from mtf_switch import config
+from mtf_switch import experts
 
 D_MODEL, D_FF, LAYERS, EXPERTS, GROUP = 256, 1024, 4, 8, 1024
+ROWS = experts.ROWS
 BATCH, INPUTS, TARGETS, VOCAB = 32, 256, 64, 4196
 
 MODELS = {
@@ -152,9 +157,18 @@ def main():
                       help="extra gin binding for every model, e.g. SwitchFFN.group_size=512")
   parser.add_argument("--profile", type=int, default=0,
                       help="then trace this many steps per model and print where time goes")
+  parser.add_argument("--rows", default="",
+                      help="comma-separated experts.ROWS values: one switch model per value "
+                           "(the ragged dispatch's row padding), timed in the same rounds")
   args = parser.parse_args()
-  models = {name: build(name, args.dispatch, args.gin_param)
-            for name in args.models.split(",")}
+  models = {}
+  for name in args.models.split(","):
+    for rows in (args.rows.split(",") if args.rows and name == "switch" else [""]):
+      if rows:
+        experts.ROWS = int(rows)  # read when the graph is built
+      models[name + (" ROWS=" + rows if rows else "")] = build(name, args.dispatch,
+                                                               args.gin_param)
+  experts.ROWS = ROWS
   times = {name: [] for name in models}
   for _ in range(args.rounds):
     for name, (session, train_op, _) in models.items():

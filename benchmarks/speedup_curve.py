@@ -82,30 +82,18 @@ GCIDE alone (also at issue 6's own commit, and with float32 variables); rsqrt1k 
 diverge but stops learning after step ~500; a constant 3e-3 (rsqrt10k-3e-3, the paper's shape
 at 0.3x its rate) learns throughout: it is the default --lr.
 
-Budget plan. Rough: measured on 2026-12-02 with 400-step runs (a checkpoint every 100 steps),
-niced 19 while another engineer's benchmarks and a two-worker pytest loaded the 2 cores (load
-average 1.3-9), one process at a time. steps/s = median over the checkpoint intervals after the
-first (saves included); in brackets the median of the rates the estimator logs (saves left out):
-
-  pinned to one core, one thread:  dense mini b16 3.05 (4.2)   E8 mini 2.52 (3.6)
-                                   E32 mini 1.65 (2.9 before the load rose)   E64 mini 1.33 (2.2)
-                                   dense w96 b16 2.02 (2.5)   dense tiny b16 1.57 (1.9)
-                                   dense mini b32 1.90 (2.3)
-  unpinned, TensorFlow's threads:  dense mini b16 2.51 (3.4): slower than one pinned thread, so
-                                   --parallel 2 about doubles the model-hours.
-  other costs: 1-3.5 min from the command to checkpoint 0; skipping seen data on resume ~46
-  batches/s on one core (~6 min at step 16,000); evaluating a checkpoint on both splits ~55 s,
-  plus ~50-70 s per evaluation process.
-
-Measured in the main runs (2026-12-02, one core each, the other core busy): dense mini b16
-7.3 steps/s, 16,000 steps in 37 min of training, 48 min with its 16 evaluations.
-
-Per run of 16,000 steps at the (pessimistic) 400-step rates, training + 16 evaluations: dense ~105 min,
-E8 ~125, E32 ~180 (~110 at its quiet 2.9 steps/s), E64 ~220. The five runs the issue requires
-(dense x2, E32 x2, E8) take ~700 core-minutes loaded, ~480 quiet; a session of --parallel 2
---budget_minutes 150 gives ~290, so 3 sessions (2 if quiet), E64 one more. Session 1: core 0
-trains dense-s1 (done after ~105 min), then E8; core 1 E32-s1 (13k-16k steps). Session 2:
-E32-s1's rest, dense-s2, E8's rest, E32-s2. Session 3: E32-s2's rest (and E64). 16,000 steps
+Budget, as measured in the main runs of 2026-12-07 (`--parallel 2 --budget_minutes 140`, a
+fresh machine, nothing else running): pinned to one core with one thread, dense mini b16 7.7
+steps/s, E8 6.2, E32 5.6; 16,000 steps take 35 / 43 / 48 min of training, and the 16
+evaluations of a run 9-12 min more (its own process, after the training). The five runs the
+issue requires (dense x2, E32 x2, E8) are ~290 core-minutes: one session of --parallel 2 trains
+four of them to the end and the fifth (E32-s2) part of the way; repeating the command in the
+same machine finishes it (run directories live in /tmp, so a new machine starts over).
+(The first rates, on 2026-12-02 with 400-step runs on a loaded machine, were 2-3x lower: dense
+3.05, E8 2.52, E32 1.65, E64 1.33 steps/s, w96 2.02, tiny 1.57; unpinned with TensorFlow's
+threads dense ran at 2.51, slower than one pinned thread, so --parallel 2 about doubles the
+model-hours. Other costs: 1-3.5 min from the command to checkpoint 0; skipping seen data on
+resume ~46 batches/s on one core, ~6 min at step 16,000.) 16,000 steps
 of 16 sequences are 2.3 epochs of the 15.4M train tokens (~111,500 examples per epoch);
 --steps 13900 stays at 2.0 epochs. The pilot's default (3 candidates x 2,400 steps, 4
 checkpoints each) took 34 min with --parallel 2 (quiet: mini 4.1 steps/s, w96 2.6 on one core).
@@ -1171,8 +1159,9 @@ def markdown(loaded, by_model, table, stats, args, plots, rel_plots):
         out.append("- %s: step %d, gap %s, speedup %s%s (%s), seed spread %s" % (
             model, r["t"], _f(r["gap"], "%+.3f"), ">=" if r["lower"] else "",
             _f(r["speedup"], "%.2fx", "not reached"),
-            {True: "counts", False: "within the seed spread",
-             None: "no second seed yet"}[r["significant"]], _f(r["spread"])))
+            "no second seed yet" if r["significant"] is None else "counts" if r["significant"]
+            else "within the seed spread" if abs(r["gap"]) <= r["spread"]
+            else "dense ahead by more than the seed spread", _f(r["spread"])))
     out += ["- Paper (Switch-Base, %d experts, T5-Base scale): %.1fx in steps (T5-Base's "
             "step-%dk quality at 60k), %.0fx in time." % (
                 PAPER["experts"], PAPER["steps"], PAPER["dense_steps"] // 1000, PAPER["time"]),
