@@ -34,7 +34,6 @@ from mtf_switch import config
 from mtf_switch import experts
 
 D_MODEL, D_FF, LAYERS, EXPERTS, GROUP = 256, 1024, 4, 8, 1024
-ROWS = experts.ROWS
 BATCH, INPUTS, TARGETS, VOCAB = 32, 256, 64, 4196
 
 MODELS = {
@@ -161,14 +160,14 @@ def main():
                       help="comma-separated experts.ROWS values: one switch model per value "
                            "(the ragged dispatch's row padding), timed in the same rounds")
   args = parser.parse_args()
-  models = {}
+  models, shipped = {}, experts.ROWS
   for name in args.models.split(","):
     for rows in (args.rows.split(",") if args.rows and name == "switch" else [""]):
       if rows:
         experts.ROWS = int(rows)  # read when the graph is built
       models[name + (" ROWS=" + rows if rows else "")] = build(name, args.dispatch,
                                                                args.gin_param)
-  experts.ROWS = ROWS
+  experts.ROWS = shipped
   times = {name: [] for name in models}
   for _ in range(args.rounds):
     for name, (session, train_op, _) in models.items():

@@ -551,27 +551,36 @@ def eval_dir_name(domain, eval_batch, n_steps):
   return "eval_%s_validation_%d" % (EVAL_TASKS[domain], eval_batch * n_steps)
 
 
+def scalars(events_dir):
+  """{step: {tag: value}} of the numeric summaries in the event files of events_dir (a file cut
+  short while being written: what was read)."""
+  import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(events_dir, "events.out.tfevents.*"))):
+    try:
+      for event in tf.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.HasField("tensor"):
+            x = tf.make_ndarray(value.tensor)
+            if x.dtype.kind not in "fiu":  # e.g. the checkpoint_path string
+              continue
+            x = float(x)
+          else:
+            x = value.simple_value
+          out.setdefault(event.step, {})[value.tag] = x
+    except tf.errors.DataLossError:
+      pass
+  return out
+
+
 def read_evals(run, eval_batch, n_steps):
   """{step: {domain: {metric: value}}} from the evaluation event files (every metric of the
   evaluation: neg_log_perplexity, loss, the Switch summaries switch/<layer>/<metric>)."""
-  import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
   out = {}
   for domain in DOMAINS:
-    for path in sorted(glob.glob(os.path.join(run.model_dir, eval_dir_name(
-        domain, eval_batch, n_steps), "events.out.tfevents.*"))):
-      try:
-        for event in tf.train.summary_iterator(path):
-          for value in event.summary.value:
-            if value.HasField("tensor"):
-              x = tf.make_ndarray(value.tensor)
-              if x.dtype.kind not in "fiu":  # e.g. the checkpoint_path string
-                continue
-              x = float(x)
-            else:
-              x = value.simple_value
-            out.setdefault(str(event.step), {}).setdefault(domain, {})[value.tag] = x
-      except tf.errors.DataLossError:
-        pass
+    events = scalars(os.path.join(run.model_dir, eval_dir_name(domain, eval_batch, n_steps)))
+    for step, tags in events.items():
+      out.setdefault(str(step), {})[domain] = tags
   return {s: v for s, v in out.items() if all(
       "neg_log_perplexity" in v.get(d, {}) for d in DOMAINS)}
 
@@ -893,27 +902,17 @@ def training_loss(run):
   """{summary step: training cross-entropy}: the binary's `loss` summary (every 100 steps; one
   batch, per target position) less the Switch layers' auxiliary losses c_B L_B + c_z L_z (their
   summaries at the same step); {} without summaries."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mtf_switch import report  # pylint: disable=g-import-not-at-top
-  loss = {}
-  for path in sorted(glob.glob(os.path.join(run.model_dir, "events.out.tfevents.*"))):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
-        for value in event.summary.value:
-          if value.tag == "loss":
-            loss[event.step] = float(value.simple_value if value.HasField("simple_value")
-                                     else tf.make_ndarray(value.tensor))
-    except tf.errors.DataLossError:  # a file being written
-      pass
-  if not run.experts or not loss:
+  from mtf_switch import metrics  # pylint: disable=g-import-not-at-top
+  events = scalars(run.model_dir)
+  loss = {step: tags["loss"] for step, tags in events.items() if "loss" in tags}
+  if not run.experts:
     return loss
   coefs = _aux_coefs(run.model_dir)
-  for layer, metric in report.read_summaries(run.model_dir).items():
-    c_b, c_z = coefs[layer.split("/")[0]]
-    for term, c in (("balance_loss", c_b), ("z_loss", c_z)):
-      for step, value in zip(*metric.get(term, ((), ()))):
-        if step in loss:
-          loss[step] -= c * value
+  for step in loss:
+    for tag, value in events[step].items():
+      layer, metric = metrics.parse(tag) or (None, None)
+      if metric in ("balance_loss", "z_loss"):
+        loss[step] -= coefs[layer.split("/")[0]][metric == "z_loss"] * value
   return loss
 
 
@@ -922,13 +921,16 @@ def training_gaps(loaded):
   seed: the same batches) minus the Switch run's, as the speedup table's gap (positive: Switch
   is better): in training, of the means over the checkpoint interval's summaries (their steps
   differ by a few between runs); held out, both splits."""
-  out = {}
+  out, losses = {}, {}  # losses: {run name: training_loss}, read once per run
   for name, r in loaded.items():
     dense = loaded.get("dense-s%d" % r["run"].seed)
     if not r["run"].experts or dense is None:
       continue
     every = r["run"].config.checkpoint_every
-    mine, theirs = training_loss(r["run"]), training_loss(dense["run"])
+    for run in (r["run"], dense["run"]):
+      if run.name not in losses:
+        losses[run.name] = training_loss(run)
+    mine, theirs = losses[r["run"].name], losses[dense["run"].name]
     rows = {}
     for step, nlp in zip(r["steps"], r["nlp"]["both"]):
       if step not in dense["steps"] or step == 0:
