@@ -2,7 +2,7 @@
 1 and 16, through the stock t5_mesh_transformer (`--mode=predict`) and through the exported
 SavedModel (`--mode=export_predict`, served by plain TensorFlow), in one run.
 
-  python benchmarks/decode_throughput.py [--workdir /tmp/decode_runs] [--prompts 256] [--rounds 5]
+  python benchmarks/decode_throughput.py [--workdir /tmp/decode_runs] [--prompts 1024] [--rounds 5]
 
 Each model is trained first (unless WORKDIR/<model>/model.ckpt-600 exists) with the README's
 main command (600 steps of gin/runs/pretrain_cpu.gin; t5_tiny with gin/models/t5_tiny.gin).
@@ -20,14 +20,19 @@ other measurement), --rounds times:
     checkpoint loading and the first batch are excluded;
   - SavedModel: exported with --batch_size=B, loaded in a Python process that imports only
     TensorFlow and tensorflow_text; one warm-up request, then requests of B prompts, each timed.
-Tokens are the generated tokens of the measured sequences including EOS (the decodes re-encoded
-with the model's vocabulary; at most 32 each); steps are decoding-loop iterations (per batch, the
-longest sequence's tokens), the unit both models compute alike. The table gives the median over
-rounds of tokens/s and ms per step, and the Switch/dense ratio of time per token: of the medians,
-of the best rounds (the least disturbed by other processes) and per round; the 1-minute load average is printed next to each measurement and the uptime at
-start and end (the machine is shared). Results also go to WORKDIR/results.json. The exports
-are made once per run, model and batch size (WORKDIR/saved_model_<model>_b<B>_export; an
-export bakes in the code that built it, so earlier ones are deleted).
+Every sequence decodes exactly 32 tokens (`Unitransformer.sample_autoregressive.stop_at_token =
+None` and `Bitransformer.decode.max_decode_length = 32`, for the binary and the export alike; the
+binary's decode length is otherwise the input length, 128), so both models do the same work.
+Stopping at EOS, the two 600-step models answer at different lengths (2026-12-08: switch_tiny ~16
+tokens per sequence, t5_tiny ~29), and time per token then measured the answers' lengths (the
+encoder pass and a batch's tail spread over fewer tokens), not the decoders. Tokens: 32 per
+sequence; steps: decoding-loop iterations, 32 per batch. The table gives the median over rounds
+of tokens/s and ms per step, and the Switch/dense ratio of time per token: of the medians, of the
+best rounds (the least disturbed by other processes) and per round; the 1-minute load average is
+printed next to each measurement and the uptime at start and end (the machine is shared).
+Results also go to WORKDIR/results.json. The exports are made once per run, model and batch size
+(WORKDIR/saved_model_<model>_b<B>_export; an export bakes in the code that built it, so earlier
+ones are deleted).
 """
 import argparse
 import datetime
@@ -43,7 +48,10 @@ import sys
 from reproduce import BINARY, run_binary  # benchmarks/ is the script's folder
 MODELS = ("switch_tiny", "t5_tiny")
 TRAIN_STEPS = 600
-LENGTHS = ["--input_sequence_length=128", "--target_sequence_length=32"]
+TARGET = 32
+LENGTHS = ["--input_sequence_length=128", "--target_sequence_length=%d" % TARGET,
+           "--gin_param=Bitransformer.decode.max_decode_length = %d" % TARGET,
+           "--gin_param=Unitransformer.sample_autoregressive.stop_at_token = None"]
 SERVE = r"""
 import json, sys, time
 import tensorflow as tf
@@ -94,15 +102,10 @@ def prompts(count):
   return [" ".join(w[:len(w) // 2] + ["<extra_id_0>"] + w[len(w) // 2 + 1:]) for w in chosen]
 
 
-def token_counts(decodes):
-  """Generated tokens of each decode, EOS included (at most the target length 32)."""
-  from mtf_switch import tasks  # pylint: disable=g-import-not-at-top
-  return [min(len(tasks.VOCABULARY.encode(d)) + 1, 32) for d in decodes]
-
-
-def loop_steps(counts, batch_size):
-  """Decoding-loop iterations: per batch, its longest sequence's tokens."""
-  return sum(max(counts[i:i + batch_size]) for i in range(0, len(counts), batch_size))
+def work(sequences, batch_size):
+  """Tokens and decoding-loop steps of `sequences` decodes of TARGET tokens each."""
+  return dict(sequences=sequences, tokens=TARGET * sequences,
+              steps=TARGET * sequences // batch_size)
 
 
 _STAMP = re.compile(r"^I(\d{4}) (\d\d):(\d\d):(\d\d\.\d+) .*\] decoded (\d+): ", re.M)
@@ -126,9 +129,7 @@ def binary_rate(model_dir, batch_size, prompts_file, workdir, name):
   with open(path, encoding="utf-8") as f:
     decodes = f.read().splitlines()
   measured = decodes[batch_size:last + batch_size]  # batches 2 .. the last logged one
-  counts = token_counts(measured)
-  return dict(seconds=seconds, sequences=len(measured), tokens=sum(counts),
-              steps=loop_steps(counts, batch_size), decodes=decodes)
+  return dict(work(len(measured), batch_size), seconds=seconds)
 
 
 def saved_model_rate(model_dir, batch_size, prompts_file, workdir, name):
@@ -146,10 +147,8 @@ def saved_model_rate(model_dir, batch_size, prompts_file, workdir, name):
                    check=True)
   with open(out) as f:
     served = json.load(f)
-  decodes = [d for batch in served["outputs"] for d in batch]
-  counts = token_counts(decodes)
-  return dict(seconds=sum(served["times"]), sequences=len(decodes), tokens=sum(counts),
-              steps=loop_steps(counts, batch_size), decodes=decodes)
+  sequences = sum(len(batch) for batch in served["outputs"])
+  return dict(work(sequences, batch_size), seconds=sum(served["times"]))
 
 
 def measure(path, model, model_dir, batch_size, prompts_file, workdir, round_index):
@@ -200,7 +199,7 @@ def table(results):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/decode_runs")
-  parser.add_argument("--prompts", type=int, default=256,
+  parser.add_argument("--prompts", type=int, default=1024,
                       help="sequences measured at batch 16 (a power of two); batch 1 measures "
                       "a quarter as many")
   parser.add_argument("--rounds", type=int, default=5)
@@ -228,8 +227,6 @@ def main():
                                workdir, round_index))
       k += 1
   log("uptime: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-  for r in results:
-    del r["decodes"]
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   print()

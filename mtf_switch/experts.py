@@ -5,11 +5,13 @@ wi, or wi_0/wi_1 for gated units, and wo, each [experts, in, out]):
   expert_ffn: over capacity slots [O, E, G, C, M] (einsum/gather dispatch; experts may be split
     over a mesh axis). Every slot is computed, filled or not: E * C = cf * S rows per group.
   ragged_expert_ffn: over the tokens [O, G, S, M] themselves, each multiplied by its own
-    expert's weights (rows grouped by expert on each device, one matmul per expert; outside
-    training, when a device holds no more rows than experts, as when decoding, each row times
-    its own gathered expert weights); only kept tokens are computed. Needs every expert's
-    weights on every device; activations are reimplemented in TensorFlow (ACTIVATIONS: every
-    elementwise activation of mtf).
+    expert's weights (rows grouped by expert on each device, one matmul per expert); only kept
+    tokens are computed. Outside training, when a device holds no more rows than experts (as
+    when decoding), each row is multiplied by its own gathered expert weights; with up to
+    BLOCK_ROWS rows per expert, all experts run as one batched matmul per weight over blocks
+    padded to the busiest expert's rows. Needs every expert's weights on every device;
+    activations are reimplemented in TensorFlow (ACTIVATIONS: every elementwise activation of
+    mtf).
 """
 import collections
 
@@ -76,14 +78,20 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
         per_token_weights(tokens * choices, experts_dim.size, ws)):
       return _per_token(rows, ids, ws, tf_activations, choices, experts_dim.size,
                         multiplicative_bias)
-    segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size, small=not train)
+    blocks = not train and tokens is not None and tokens * choices <= BLOCK_ROWS * experts_dim.size
+    segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size, small=not train,
+                               uniform=blocks)
     # segment entries index (token, choice) pairs: token = entry // K (padding -> zero row)
-    xs = tf.split(tf.gather(_with_zero_row(rows), segments.source // choices), segments.sizes,
-                  num=experts_dim.size)
+    xs = tf.gather(_with_zero_row(rows), segments.source // choices)
+    hidden = _hidden_function(tf_activations)
+    if blocks:
+      y = _blocks(xs, ws, hidden, experts_dim.size, multiplicative_bias)
+      return tf.reshape(tf.gather(_with_zero_row(y), back),
+                        tf.concat([tf.shape(ids), [output_dim.size]], 0))
+    xs = tf.split(xs, segments.sizes, num=experts_dim.size)
     # (not w[e]: its gradient is a dense [E, K, N])
     per_expert = [tf.unstack(w) for w in ws]
     wi, wo = per_expert[:len(activations)], per_expert[len(activations)]
-    hidden = _hidden_function(tf_activations)
     ys = []
     for e, x_e in enumerate(xs):
       h = hidden(x_e, *[w[e] for w in wi])
@@ -123,13 +131,19 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
 
 
 # Row counts per expert change every step; padding each expert's segment to a multiple of ROWS
-# lets the CPU matmul kernels (oneDNN) reuse their cached per-shape primitives. Outside training
+# lets the CPU matmul kernels (oneDNN) reuse their cached per-shape primitives (unpadded, dynamic
+# row counts cost ~5%). 32 rather than 128: at E = 32 an expert gets ~64 decoder rows per step,
+# which 128 doubled (benchmarks/RESULTS.md, layer_overhead --rows). Outside training
 # (small=True) a segment of fewer than ROWS rows is padded to the next power of two instead, so
 # that decoding (a few tokens per step) does not compute ROWS rows per expert it uses.
-ROWS = 128
+ROWS = 32
 # Outside training, at most this many bytes of gathered expert weights per device (see
 # per_token_weights).
 PER_TOKEN_MAX_BYTES = 1 << 28
+# Outside training, with at most this many (token, choice) rows per expert on a device on
+# average (decoding at a batch above E), all experts run as one batched matmul per weight over
+# equal blocks (_blocks): a few padding rows cost less than a few ops per expert.
+BLOCK_ROWS = 4
 
 
 def per_token_weights(entries, num_experts, weights):
@@ -160,6 +174,16 @@ def _hidden_function(activations):
     return h
 
   return hidden
+
+
+def _blocks(xs, weights, hidden, num_experts, multiplicative_bias):
+  """The experts for xs [E * R, M]: every expert's R rows (a uniform segment), one batched
+  matmul per weight (hidden: _hidden_function); [E * R, N]."""
+  *wi, wo = weights[:-1] if multiplicative_bias else weights
+  h = hidden(tf.reshape(xs, [num_experts, -1, xs.shape[-1]]), *wi)
+  if multiplicative_bias:
+    h *= weights[-1][:, tf.newaxis, :]
+  return tf.reshape(tf.matmul(h, wo), [-1, wo.shape[-1]])
 
 
 def _per_token(rows, ids, weights, activations, choices, num_experts, multiplicative_bias):
@@ -201,16 +225,19 @@ def _next_power_of_two(n):
   return tf.where(n > 0, m + 1, tf.zeros_like(n))
 
 
-def _segments(ids, num_experts, small=False):
+def _segments(ids, num_experts, small=False, uniform=False):
   """Layout of the padded per-expert row buffer for the expert ids [T] of T entries
   (num_experts = no expert). small: segments under ROWS rows padded to a power of two.
+  uniform: every segment as long as the longest (for _blocks).
 
   Returns (Segments(source: [R] entry of each buffer row, T for padding; sizes: [E] rows per
   expert segment), back: [T] buffer row of each entry, R for entries without an expert)."""
   num_tokens = tf.shape(ids)[0]
   counts = tf.math.bincount(ids, minlength=num_experts + 1, maxlength=num_experts + 1)
   sizes = (counts[:num_experts] + ROWS - 1) // ROWS * ROWS
-  if small:
+  if uniform:
+    sizes = tf.fill([num_experts], tf.reduce_max(counts[:num_experts]))
+  elif small:
     sizes = tf.where(counts[:num_experts] < ROWS, _next_power_of_two(counts[:num_experts]),
                      sizes)
   starts = tf.concat([tf.cumsum(sizes, exclusive=True), [tf.reduce_sum(sizes)]], 0)

@@ -170,13 +170,15 @@ def test_a_sequence_gets_the_same_output_alone_padded_or_in_any_batch(tmp_path, 
 
 
 @pytest.mark.parametrize("variant,tokens", [
-    ("top1", 2 * 3), ("top1", 4 * 8), ("top2", 2 * 3), ("bias", 2 * 3), ("relu", 1)])
+    ("top1", 2 * 3), ("top1", 4 * 8), ("top1", 8 * 16), ("top2", 2 * 3), ("top2", 4 * 8),
+    ("bias", 2 * 3), ("bias", 4 * 8), ("relu", 1)])
 def test_ragged_inference_paths_match_the_reference(variant, tokens):
   """Outside training the ragged experts multiply each row by its own gathered expert weights
   when a device holds no more (token, choice) rows than experts (decoding; a single row by its
-  expert's weights sliced, not copied), else pad per-expert segments to a power of two: both as
-  the numpy reference, for top-1/top-2, the multiplicative bias and a plain activation; and as
-  the einsum dispatch."""
+  expert's weights sliced, not copied), run all experts as batched matmuls over equal blocks up
+  to BLOCK_ROWS rows per expert, else pad per-expert segments to a power of two: each as the
+  numpy reference, for top-1/top-2, the multiplicative bias and a plain activation; and as the
+  einsum dispatch."""
   kw = dict(num_experts=16, hidden_size=8, group_size=64, init_scale=1.0,
             router_policy="argmax", dropless_eval=True)  # run_switch builds evaluation
   ref = dict(loss_coef=1e-2)
@@ -189,7 +191,7 @@ def test_ragged_inference_paths_match_the_reference(variant, tokens):
     kw.update(activation="relu")
     ref.update(geglu=False)
   rng = np.random.RandomState(2)
-  shape = {6: (2, 3), 32: (4, 8), 1: (1, 1)}[tokens]
+  shape = {6: (2, 3), 32: (4, 8), 128: (8, 16), 1: (1, 1)}[tokens]
   x = rng.randn(*shape, 12).astype(np.float32)
   pad = np.ones(shape, np.float32)
   pad[0, -1] = 0.0 if tokens > 1 else 1.0
@@ -209,8 +211,11 @@ def test_ragged_inference_paths_match_the_reference(variant, tokens):
     ops = graph.get_operations()
     equations = {op.get_attr("equation").decode() for op in ops if op.type == "Einsum"}
     weight_gathers = [op for op in ops if op.type == "GatherV2" and op.inputs[0].shape.rank == 3]
-  # per row below 17 rows (one row: its expert's weights as a dim-0 slice, not gathered)
-  assert any(op.type == "SplitV" for op in ops) == (rows > 16), rows
+    batched = [op for op in ops if op.type == "BatchMatMulV2" and op.inputs[1].shape.rank == 3]
+  # per row up to 16 rows (one row: its expert's weights as a dim-0 slice, not gathered), then
+  # blocks up to experts.BLOCK_ROWS = 4 rows per expert, then segments
+  assert any(op.type == "SplitV" for op in ops) == (rows > 64), rows
+  assert bool(batched) == (16 < rows <= 64), (rows, batched)
   assert ("rm,rmh->rh" in equations) == (1 < rows <= 16), (rows, equations)
   assert bool(weight_gathers) == (1 < rows <= 16), (rows, weight_gathers)
   expected = switch_reference(x, pad, w, num_groups=1, capacity=None, **ref)[0]
