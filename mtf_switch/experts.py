@@ -86,21 +86,10 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
     hidden = _hidden_function(tf_activations)
     if blocks:
       y = _blocks(xs, ws, hidden, experts_dim.size, multiplicative_bias)
-      return tf.reshape(tf.gather(_with_zero_row(y), back),
-                        tf.concat([tf.shape(ids), [output_dim.size]], 0))
-    xs = tf.split(xs, segments.sizes, num=experts_dim.size)
-    # (not w[e]: its gradient is a dense [E, K, N])
-    per_expert = [tf.unstack(w) for w in ws]
-    wi, wo = per_expert[:len(activations)], per_expert[len(activations)]
-    ys = []
-    for e, x_e in enumerate(xs):
-      h = hidden(x_e, *[w[e] for w in wi])
-      if multiplicative_bias:
-        h *= per_expert[-1][e]
-      if keep_prob < 1.0:  # outside the function: each expert draws its own mask
-        h = tf.nn.dropout(h, rate=1.0 - keep_prob)
-      ys.append(tf.matmul(h, wo[e]))
-    y = tf.gather(_with_zero_row(tf.concat(ys, 0)), back)
+    else:
+      y = _per_expert(tf.split(xs, segments.sizes, num=experts_dim.size), ws, hidden,
+                      multiplicative_bias, keep_prob)
+    y = tf.gather(_with_zero_row(y), back)
     return tf.reshape(y, tf.concat([tf.shape(ids), [output_dim.size]], 0))
 
   def grad(op, dy):
@@ -174,6 +163,24 @@ def _hidden_function(activations):
     return h
 
   return hidden
+
+
+def _per_expert(xs, weights, hidden, multiplicative_bias, keep_prob):
+  """The experts for xs, E segments [R_e, M]: one matmul per expert and weight (hidden:
+  _hidden_function); [sum R_e, N]."""
+  # (not w[e]: its gradient is a dense [E, K, N])
+  per_expert = [tf.unstack(w) for w in weights]
+  bias = per_expert.pop() if multiplicative_bias else None
+  *wi, wo = per_expert
+  ys = []
+  for e, x_e in enumerate(xs):
+    h = hidden(x_e, *[w[e] for w in wi])
+    if bias is not None:
+      h *= bias[e]
+    if keep_prob < 1.0:  # outside the function: each expert draws its own mask
+      h = tf.nn.dropout(h, rate=1.0 - keep_prob)
+    ys.append(tf.matmul(h, wo[e]))
+  return tf.concat(ys, 0)
 
 
 def _blocks(xs, weights, hidden, num_experts, multiplicative_bias):
