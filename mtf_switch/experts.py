@@ -74,11 +74,11 @@ def ragged_expert_ffn(tokens, expert_id, experts_dim, hidden_dim, output_dim, ac
   def forward(x, ids, *ws):
     rows = tf.reshape(x, [-1, model_dim.size])
     tokens = x.shape[:-1].num_elements()  # on this device (static)
-    if (not train and tokens is not None and
-        per_token_weights(tokens * choices, experts_dim.size, ws)):
+    few_rows = not train and tokens is not None  # the row-count paths below (inference)
+    if few_rows and per_token_weights(tokens * choices, experts_dim.size, ws):
       return _per_token(rows, ids, ws, tf_activations, choices, experts_dim.size,
                         multiplicative_bias)
-    blocks = not train and tokens is not None and tokens * choices <= BLOCK_ROWS * experts_dim.size
+    blocks = few_rows and tokens * choices <= BLOCK_ROWS * experts_dim.size
     segments, back = _segments(tf.reshape(ids, [-1]), experts_dim.size, small=not train,
                                uniform=blocks)
     # segment entries index (token, choice) pairs: token = entry // K (padding -> zero row)
@@ -241,12 +241,13 @@ def _segments(ids, num_experts, small=False, uniform=False):
   expert segment), back: [T] buffer row of each entry, R for entries without an expert)."""
   num_tokens = tf.shape(ids)[0]
   counts = tf.math.bincount(ids, minlength=num_experts + 1, maxlength=num_experts + 1)
-  sizes = (counts[:num_experts] + ROWS - 1) // ROWS * ROWS
+  routed = counts[:num_experts]  # entries per expert
   if uniform:
-    sizes = tf.fill([num_experts], tf.reduce_max(counts[:num_experts]))
-  elif small:
-    sizes = tf.where(counts[:num_experts] < ROWS, _next_power_of_two(counts[:num_experts]),
-                     sizes)
+    sizes = tf.fill([num_experts], tf.reduce_max(routed))
+  else:
+    sizes = (routed + ROWS - 1) // ROWS * ROWS
+    if small:
+      sizes = tf.where(routed < ROWS, _next_power_of_two(routed), sizes)
   starts = tf.concat([tf.cumsum(sizes, exclusive=True), [tf.reduce_sum(sizes)]], 0)
   order = tf.argsort(ids, stable=True)
   sorted_ids = tf.gather(ids, order)
